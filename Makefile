@@ -1,0 +1,48 @@
+# fraud-mlops: `make run` (train on the real data, promote, serve) and `make test` (what CI runs).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+DATA    ?= data/creditcard.csv
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
+export FRAUD_MLOPS_STORE ?= registry
+
+.PHONY: install data train promote serve run test lab clean
+
+$(STAMP): setup.py settings.ini
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv with the package (editable) and the dev tools
+
+data: install ## fetch and verify the full dataset into $(DATA)
+	$(BIN)/fraud-mlops fetch-data --dest $(DATA)
+
+train: data ## train a candidate on the full data into $(FRAUD_MLOPS_STORE)
+	$(BIN)/fraud-mlops train --data $(DATA)
+
+promote: install ## promote the newest candidate if it beats the champion
+	$(BIN)/fraud-mlops promote
+
+serve: install ## serve the champion on http://$(HOST):$(PORT)
+	@echo "try: curl -s -X POST http://$(HOST):$(PORT)/predict -H 'Content-Type: application/json' -d @data/example_request.json"
+	$(BIN)/fraud-mlops serve --host $(HOST) --port $(PORT)
+
+run: ## the main job: set up, fetch the real data, train on all of it, promote, serve
+	$(MAKE) train
+	$(MAKE) promote
+	$(MAKE) serve
+
+test: install ## notebook tests (nbdev_test) and integration tests (pytest)
+	FRAUD_MLOPS_STORE=$$(mktemp -d) $(BIN)/nbdev_test --n_workers 2
+	$(BIN)/pytest -q tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here"; exit 1; fi; exit $$rc
+
+lab: install ## JupyterLab on nbs/ with the package installed in editable mode
+	$(BIN)/jupyter lab --notebook-dir=nbs
+
+clean: ## remove the virtualenv and generated outputs (keeps the registry and data)
+	rm -rf $(VENV) runs build *.egg-info .pytest_cache

@@ -1,0 +1,44 @@
+"The `fraud-mlops` command as a user types it."
+import json, os, subprocess, sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def cli(*args, env=None):
+    return subprocess.run([BIN/'fraud-mlops', *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def test_promote_models_rollback_round_trip(store, add_candidate):
+    a = add_candidate(store, n_estimators=3, max_depth=1)
+    b = add_candidate(store, n_estimators=30)
+    r = cli('promote', '--store', store.root, '--version', a, '--no-notify')
+    assert r.returncode == 0 and r.stdout.startswith(f'promoted: {a}')
+    r = cli('promote', '--dry-run', '--no-notify', env={'FRAUD_MLOPS_STORE': str(store.root)})  # env instead of --store
+    assert r.returncode == 0 and 'dry run: nothing changed' in r.stdout and f'promoted: {b}' in r.stdout
+    rows = json.loads(cli('models', '--store', store.root, '--json').stdout)
+    assert {x['version']: x['status'] for x in rows} == {a: 'champion', b: 'candidate'}
+    assert cli('promote', '--store', store.root, '--no-notify').returncode == 0
+    table = cli('models', '--store', store.root).stdout
+    assert f'{b}  champion' in table and f'{a}  retired' in table
+    r = cli('rollback', '--store', store.root, '--no-notify')
+    assert r.returncode == 0 and f'rollback: {a}' in r.stdout
+    r = cli('rollback', '--store', store.root, '--to', 'nope', '--no-notify')
+    assert r.returncode == 2 and 'version nope not found' in r.stderr
+
+
+def test_store_typo_and_corrupt_manifest_are_clear_errors(store, add_candidate):
+    r = cli('models', '--store', store.root.parent/'registyr')
+    assert r.returncode == 2 and 'does not exist' in r.stderr and 'Traceback' not in r.stderr
+    v = add_candidate(store)
+    (store.root/'versions'/v/'manifest.json').write_text('{truncated')
+    r = cli('promote', '--store', store.root, '--no-notify')
+    assert r.returncode == 4 and 'not valid JSON' in r.stderr
+
+
+def test_notify_failure_is_reported_and_the_promotion_stands(store, add_candidate):
+    v = add_candidate(store)
+    r = cli('promote', '--store', store.root, env={'API_URL': 'http://127.0.0.1:9', 'FRAUD_MLOPS_ADMIN_TOKEN': 't'})
+    assert r.returncode == 0 and 'notified http://127.0.0.1:9' in r.stdout and 'error' not in r.stderr
+    assert json.loads((store.root/'champion.json').read_text())['version'] == v
