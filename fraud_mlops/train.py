@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['TrainingResult', 'train_candidate', 'library_versions', 'peak_memory_mb', 'build_manifest']
 
-# %% ../nbs/03_train.ipynb #b5a24cee
+# %% ../nbs/03_train.ipynb #a85a58ad
 import platform, resource, sys, time
 from dataclasses import dataclass, field
 
@@ -16,7 +16,7 @@ from .evaluation import best_f1_threshold, classification_metrics
 from .modelling import features_and_labels, fraud_probability, make_model
 from .registry import utcnow
 
-# %% ../nbs/03_train.ipynb #35e6389d
+# %% ../nbs/03_train.ipynb #f2d25282
 @dataclass
 class TrainingResult:
     "A fitted model, its threshold and metrics, and the frozen test rows it was measured on."
@@ -43,7 +43,7 @@ def train_candidate(df, valid=0.2, test=0.2, **model_params):
                'test': classification_metrics(yte, p_test, threshold)}
     return TrainingResult(model, threshold, metrics, describe_split(parts), Xte, yte, p_test, seconds)
 
-# %% ../nbs/03_train.ipynb #e7b2703e
+# %% ../nbs/03_train.ipynb #afa0f293
 def library_versions():
     "Versions of the libraries a bundle depends on, for the manifest."
     import joblib, pandas, sklearn
