@@ -1,0 +1,359 @@
+"Tests of the HTTP API (fraud_mlops.serving): contract, bad input, readiness, reload, and one real uvicorn server."
+import json, os, socket, subprocess, sys, time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from fraud_mlops.data import FEATURES, TARGET
+from fraud_mlops.registry import read_champion, save_version, set_champion
+from fraud_mlops.serving import EXAMPLE_FEATURES, app
+
+TOKEN = 'test-admin-token'
+ADMIN = {'Authorization': f'Bearer {TOKEN}'}
+ROOT = Path(__file__).resolve().parent.parent
+ROW_MSG = 'must hold exactly 30 numbers (Time, V1..V28, Amount), got'
+
+
+@pytest.fixture(scope='session')
+def data(ci_df):
+    "(X, y) of the real CI subset as numpy arrays."
+    return ci_df[FEATURES].to_numpy(), ci_df[TARGET].to_numpy()
+
+
+@pytest.fixture(scope='session')
+def model(data):
+    "A small forest on the real rows; n_jobs=2 so that serving's switch to 1 shows."
+    X, y = data
+    return make_pipeline(StandardScaler(), RandomForestClassifier(n_estimators=20, class_weight='balanced',
+                                                                  random_state=0, n_jobs=2)).fit(X, y)
+
+
+def promote(store, model, data, threshold=0.5):
+    "Save `model` as a new version in `store` and make it the champion; return its version."
+    X, y = data
+    v = save_version(store, model, {'threshold': threshold, 'metrics': {'test': {'f1': 0.5}}}, X[:100], y[:100])['version']
+    set_champion(store, v, read_champion(store)[1])
+    return v
+
+
+@pytest.fixture
+def champion(store, monkeypatch, model, data):
+    "`store` (from conftest) with `model` as champion, named by FRAUD_MLOPS_STORE; returns the version."
+    v = promote(store, model, data)
+    monkeypatch.setenv('FRAUD_MLOPS_STORE', store.uri)
+    monkeypatch.setenv('FRAUD_MLOPS_ADMIN_TOKEN', TOKEN)
+    monkeypatch.delenv('FRAUD_MLOPS_MAX_BATCH', raising=False)
+    return v
+
+
+@pytest.fixture
+def client(champion):
+    with TestClient(app) as c: yield c
+
+
+def post_raw(c, path, text):
+    return c.post(path, content=text, headers={'content-type': 'application/json'})
+
+
+# ---------------------------------------------------------------- the happy path
+
+def test_status_and_health(client, store, champion):
+    v = champion
+    assert client.get('/').json() == {'service': 'fraud-mlops', 'status': 'ready', 'model_version': v,
+                                      'store': store.uri, 'reason': None}
+    assert client.get('/health/live').status_code == 200
+    r = client.get('/health/ready')
+    assert (r.status_code, r.json()) == (200, {'status': 'ready', 'model_version': v})
+    m = client.get('/model').json()
+    assert (m['version'], m['threshold']) == (v, 0.5)
+
+
+def test_example_is_legit(client, champion):
+    r = client.post('/predict', json={'features': EXAMPLE_FEATURES})
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body) == {'prediction', 'fraud_probability', 'model_version'}
+    assert (body['prediction'], body['model_version']) == ('legit', champion)
+    assert 0 <= body['fraud_probability'] < 0.5
+
+
+def test_probabilities_are_the_pipelines(client, model, data):
+    X, y = data
+    rows = np.r_[np.flatnonzero(y == 1)[:5], np.flatnonzero(y == 0)[:5]]
+    expected = model.predict_proba(X[rows])[:, 1]
+    got = [client.post('/predict', json={'features': X[i].tolist()}).json() for i in rows]
+    assert [g['fraud_probability'] for g in got] == expected.tolist()
+    assert [g['prediction'] for g in got] == ['fraud' if p >= 0.5 else 'legit' for p in expected]
+    assert {g['prediction'] for g in got} == {'fraud', 'legit'}  # both verdicts exercised
+
+
+def test_batch_equals_singles(client, data, champion):
+    X, y = data
+    rows = np.r_[np.flatnonzero(y == 1)[:40], np.arange(60)]  # 100 rows: over INLINE_ROWS, so the thread path too
+    batch = client.post('/predict/batch', json={'instances': X[rows].tolist()}).json()
+    assert batch['model_version'] == champion
+    singles = [client.post('/predict', json={'features': X[i].tolist()}).json() for i in rows]
+    assert batch['predictions'] == [{'prediction': s['prediction'], 'fraud_probability': s['fraud_probability']} for s in singles]
+    small = client.post('/predict/batch', json={'instances': X[rows[:3]].tolist()}).json()
+    assert small['predictions'] == batch['predictions'][:3]
+
+
+def test_threshold_decides(store, monkeypatch, model, data):
+    "Fraud iff probability >= the manifest's threshold, for single and batch predictions alike."
+    X, y = data
+    p = model.predict_proba(X)[:, 1]
+    at = int(np.flatnonzero((p > 0.2) & (p < 0.8))[0])  # a row scored strictly between 0 and 1
+    below, above = int(np.flatnonzero(p < p[at])[0]), int(np.flatnonzero(p > p[at])[0])
+    promote(store, model, data, threshold=float(p[at]))  # the threshold is exactly that row's probability
+    monkeypatch.setenv('FRAUD_MLOPS_STORE', store.uri)
+    with TestClient(app) as c:
+        rows = [below, at, above]
+        singles = [c.post('/predict', json={'features': X[i].tolist()}).json()['prediction'] for i in rows]
+        batch = c.post('/predict/batch', json={'instances': X[rows].tolist()}).json()['predictions']
+        assert singles == [b['prediction'] for b in batch] == ['legit', 'fraud', 'fraud']
+
+
+def test_served_model_is_single_threaded(client):
+    from fraud_mlops import serving
+    assert serving.state.served.model.get_params()['randomforestclassifier__n_jobs'] == 1
+
+
+def test_metrics(client, champion):
+    client.post('/predict', json={'features': EXAMPLE_FEATURES})
+    client.post('/predict/batch', json={'instances': [EXAMPLE_FEATURES] * 2})
+    client.post('/predict', json={'features': [1]})
+    r = client.get('/metrics')
+    assert r.headers['content-type'].startswith('text/plain; version=0.0.4')
+    lines = set(r.text.splitlines())
+    for line in ['fraud_mlops_requests_total{endpoint="/predict"} 1', 'fraud_mlops_requests_total{endpoint="/predict/batch"} 1',
+                 'fraud_mlops_invalid_requests_total{endpoint="/predict"} 1', 'fraud_mlops_predictions_total{prediction="legit"} 3',
+                 'fraud_mlops_predictions_total{prediction="fraud"} 0', f'fraud_mlops_model_info{{version="{champion}"}} 1',
+                 'fraud_mlops_ready 1', '# TYPE fraud_mlops_reloads_total counter']:
+        assert line in lines, line
+
+
+def test_openapi_has_the_example():
+    spec = app.openapi()
+    assert spec['components']['schemas']['Transaction']['examples'] == [{'features': EXAMPLE_FEATURES}]
+    assert json.loads((ROOT / 'data' / 'example_request.json').read_text()) == {'features': EXAMPLE_FEATURES}  # what README's curl sends
+
+
+# ---------------------------------------------------------------- bad input
+
+BAD_SINGLE = [
+    (json.dumps({'features': EXAMPLE_FEATURES[:29]}), f'features {ROW_MSG} 29'),
+    (json.dumps({'features': EXAMPLE_FEATURES + [1.0]}), f'features {ROW_MSG} 31'),
+    (json.dumps({'features': []}), f'features {ROW_MSG} 0'),
+    (json.dumps({'features': EXAMPLE_FEATURES[:29] + ['149.62']}), 'features[29] (Amount) must be a number, got "149.62"'),
+    (json.dumps({'features': [True] + EXAMPLE_FEATURES[1:]}), 'features[0] (Time) must be a number, got true'),
+    (json.dumps({'features': EXAMPLE_FEATURES[:3] + [None] + EXAMPLE_FEATURES[4:]}), 'features[3] (V3) must be a number, got null'),
+    ('{"features": [NaN' + ', 1' * 29 + ']}', 'features[0] (Time) must be a finite number, got NaN'),
+    ('{"features": [1, Infinity' + ', 1' * 28 + ']}', 'features[1] (V1) must be a finite number, got Infinity'),
+    ('{"features": [1, -Infinity' + ', 1' * 28 + ']}', 'features[1] (V1) must be a finite number, got -Infinity'),
+    ('{"features": [1e999' + ', 1' * 29 + ']}', 'features[0] (Time) must be a finite number, got Infinity'),
+    (json.dumps({'features': 'all of them'}), 'features must be a list of exactly 30 numbers'),
+    (json.dumps({'feature': EXAMPLE_FEATURES}), "request body has no 'features' key"),
+    (json.dumps(EXAMPLE_FEATURES), 'request body must be a JSON object'),
+    ('{"features": [1, 2,', 'request body is not valid JSON'),
+    ('', 'request body is empty'),
+]
+
+
+@pytest.mark.parametrize('body, message', BAD_SINGLE)
+def test_bad_single_input(client, body, message):
+    r = post_raw(client, '/predict', body)
+    assert r.status_code == 422
+    assert set(r.json()) == {'detail'} and message in r.json()['detail'], r.json()
+
+
+def test_exact_length_message(client):
+    r = client.post('/predict', json={'features': EXAMPLE_FEATURES[:29]})
+    assert r.json() == {'detail': 'features must hold exactly 30 numbers (Time, V1..V28, Amount), got 29'}
+
+
+def test_not_json_content_type(client):
+    r = client.post('/predict', content=json.dumps({'features': EXAMPLE_FEATURES}), headers={'content-type': 'text/plain'})
+    assert r.status_code == 422 and 'Content-Type: application/json' in r.json()['detail']
+
+
+def test_many_errors_are_summarised(client):
+    r = client.post('/predict', json={'features': ['x'] * 30})
+    assert r.status_code == 422 and r.json()['detail'].endswith('and 27 more problems')
+
+
+BAD_BATCH = [
+    ({'instances': []}, 'instances must hold at least one row'),
+    ({'instances': [EXAMPLE_FEATURES, EXAMPLE_FEATURES[:-1]]}, f'instances[1] {ROW_MSG} 29'),
+    ({'instances': [EXAMPLE_FEATURES, EXAMPLE_FEATURES[:-1] + ['x']]}, 'instances[1][29] (Amount) must be a number, got "x"'),
+    ({'instances': EXAMPLE_FEATURES}, 'instances[0] must be a list of exactly 30 numbers'),
+    ({'instances': 'rows'}, 'instances must be a list of rows'),
+    ({'features': EXAMPLE_FEATURES}, "request body has no 'instances' key"),
+]
+
+
+@pytest.mark.parametrize('body, message', BAD_BATCH)
+def test_bad_batch_input(client, body, message):
+    r = client.post('/predict/batch', json=body)
+    assert r.status_code == 422
+    assert message in r.json()['detail'], r.json()
+
+
+def test_batch_nan(client):
+    row = '[' + ', '.join(['1'] * 29) + ', NaN]'
+    r = post_raw(client, '/predict/batch', '{"instances": [' + row + ']}')
+    assert (r.status_code, r.json()['detail']) == (422, 'instances[0][29] (Amount) must be a finite number, got NaN')
+
+
+def test_batch_limit(champion, monkeypatch):
+    monkeypatch.setenv('FRAUD_MLOPS_MAX_BATCH', '3')
+    with TestClient(app) as c:
+        assert c.post('/predict/batch', json={'instances': [EXAMPLE_FEATURES] * 3}).status_code == 200
+        r = c.post('/predict/batch', json={'instances': [EXAMPLE_FEATURES] * 4})
+        assert r.status_code == 413
+        assert r.json()['detail'] == 'batch of 4 rows is over the limit of 3 (FRAUD_MLOPS_MAX_BATCH); split it'
+
+
+def test_bad_batch_limit_setting_stops_start(champion, monkeypatch):
+    monkeypatch.setenv('FRAUD_MLOPS_MAX_BATCH', 'many')
+    with pytest.raises(ValueError, match="FRAUD_MLOPS_MAX_BATCH must be a positive integer, got 'many'"):
+        with TestClient(app): pass
+
+
+# ---------------------------------------------------------------- not ready
+
+def assert_not_ready(c, reason):
+    st = c.get('/').json()
+    assert (st['status'], st['model_version']) == ('not ready', None) and reason in st['reason'], st
+    assert c.get('/health/live').status_code == 200
+    for r in (c.get('/health/ready'), c.get('/model'), c.post('/predict', json={'features': EXAMPLE_FEATURES}),
+              c.post('/predict/batch', json={'instances': [EXAMPLE_FEATURES]})):
+        assert r.status_code == 503 and r.json()['detail'].startswith('no model loaded: ') and reason in r.json()['detail'], r.json()
+    assert 'fraud_mlops_ready 0' in c.get('/metrics').text.splitlines()
+
+
+def test_no_store(tmp_path, monkeypatch):
+    monkeypatch.setenv('FRAUD_MLOPS_STORE', str(tmp_path / 'nowhere'))
+    with TestClient(app) as c: assert_not_ready(c, 'does not exist')
+
+
+def test_no_champion(store, monkeypatch):
+    monkeypatch.setenv('FRAUD_MLOPS_STORE', store.uri)
+    with TestClient(app) as c: assert_not_ready(c, 'has no champion yet')
+
+
+def test_corrupt_champion(store, champion):
+    f = store.root / 'versions' / champion / 'model.joblib'
+    f.write_bytes(f.read_bytes()[:-50])
+    with TestClient(app) as c: assert_not_ready(c, "does not match its manifest's SHA-256")
+
+
+def test_reload_after_a_late_champion(store, monkeypatch, model, data):
+    "A worker that started before the first promotion serves it after a reload."
+    monkeypatch.setenv('FRAUD_MLOPS_STORE', store.uri)
+    monkeypatch.setenv('FRAUD_MLOPS_ADMIN_TOKEN', TOKEN)
+    with TestClient(app) as c:
+        r = c.post('/reload', headers=ADMIN)
+        assert r.status_code == 503 and 'has no champion yet' in r.json()['detail']
+        (store.root / 'champion.json').write_text('{broken')
+        r = c.post('/reload', headers=ADMIN)
+        assert r.status_code == 503 and r.json()['detail'].startswith('no model loaded: ') and 'not valid JSON' in r.json()['detail']
+        assert 'not valid JSON' in c.get('/').json()['reason']  # the latest reason is shown
+        (store.root / 'champion.json').unlink()
+        v = promote(store, model, data)
+        assert c.post('/reload', headers=ADMIN).json() == {'reloaded': True, 'model_version': v, 'previous_version': None}
+        assert c.get('/').json()['reason'] is None
+        assert c.post('/predict', json={'features': EXAMPLE_FEATURES}).json()['model_version'] == v
+
+
+# ---------------------------------------------------------------- reload
+
+def test_reload_disabled_without_token(client, monkeypatch):
+    monkeypatch.delenv('FRAUD_MLOPS_ADMIN_TOKEN')
+    r = client.post('/reload', headers=ADMIN)
+    assert (r.status_code, r.json()) == (403, {'detail': 'reload is disabled: set FRAUD_MLOPS_ADMIN_TOKEN'})
+
+
+@pytest.mark.parametrize('headers', [{}, {'Authorization': 'Bearer wrong'}, {'Authorization': f'Basic {TOKEN}'},
+                                     {'Authorization': TOKEN}, {'Authorization': f'Bearer {TOKEN}x'}])
+def test_reload_needs_the_token(client, headers):
+    r = client.post('/reload', headers=headers)
+    assert r.status_code == 401 and 'admin token' in r.json()['detail']
+    assert r.headers['www-authenticate'] == 'Bearer'
+
+
+def test_reload_unchanged(client, champion):
+    v = champion
+    r = client.post('/reload', headers=ADMIN)
+    assert (r.status_code, r.json()) == (200, {'reloaded': False, 'model_version': v, 'previous_version': v})
+    assert 'fraud_mlops_reloads_total{result="unchanged"} 1' in client.get('/metrics').text
+
+
+def test_reload_picks_up_a_promotion(client, store, champion, model, data):
+    v1 = champion
+    v2 = promote(store, model, data, threshold=0.0)
+    assert client.post('/predict', json={'features': EXAMPLE_FEATURES}).json()['model_version'] == v1  # not until reloaded
+    r = client.post('/reload', headers=ADMIN)
+    assert (r.status_code, r.json()) == (200, {'reloaded': True, 'model_version': v2, 'previous_version': v1})
+    # the new model comes with its own threshold: at 0.0 everything is fraud
+    assert client.post('/predict', json={'features': EXAMPLE_FEATURES}).json() == {
+        'prediction': 'fraud', 'fraud_probability': model.predict_proba(np.array([EXAMPLE_FEATURES]))[0, 1], 'model_version': v2}
+    assert client.get('/').json()['model_version'] == v2
+    assert client.get('/model').json()['threshold'] == 0.0
+    assert f'fraud_mlops_model_info{{version="{v2}"}} 1' in client.get('/metrics').text
+
+
+def test_failed_reload_keeps_serving(client, store, champion, model, data):
+    v1 = champion
+    v2 = promote(store, model, data)
+    f = store.root / 'versions' / v2 / 'model.joblib'
+    f.write_bytes(b'not a model')
+    r = client.post('/reload', headers=ADMIN)
+    assert r.status_code == 503
+    detail = r.json()['detail']
+    assert detail.startswith(f'reload failed, still serving version {v1}: ') and "does not match its manifest's SHA-256" in detail
+    assert client.post('/predict', json={'features': EXAMPLE_FEATURES}).json()['model_version'] == v1
+    assert client.get('/health/ready').json() == {'status': 'ready', 'model_version': v1}
+    assert client.get('/').json()['status'] == 'ready'
+    assert 'fraud_mlops_reloads_total{result="failed"} 1' in client.get('/metrics').text
+    (store.root / 'champion.json').unlink()  # the pointer itself gone: still serving
+    assert client.post('/reload', headers=ADMIN).status_code == 503
+    assert client.post('/predict', json={'features': EXAMPLE_FEATURES}).status_code == 200
+
+
+# ---------------------------------------------------------------- a real server
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+def test_real_uvicorn_server(store, champion, tmp_path):
+    v = champion
+    port, logf = free_port(), open(tmp_path / 'uvicorn.log', 'wb')
+    env = {**os.environ, 'FRAUD_MLOPS_STORE': store.uri}
+    proc = subprocess.Popen([sys.executable, '-m', 'uvicorn', 'fraud_mlops.serving:app', '--host', '127.0.0.1', '--port', str(port)],
+                            env=env, stdout=logf, stderr=subprocess.STDOUT)
+    url = f'http://127.0.0.1:{port}'
+    try:
+        deadline, ready = time.monotonic() + 30, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                ready = httpx.get(f'{url}/health/ready', timeout=1)
+                if ready.status_code == 200: break
+            except httpx.TransportError: pass
+            time.sleep(0.1)
+        log = (tmp_path / 'uvicorn.log').read_text(errors='replace')
+        assert ready is not None and ready.status_code == 200, f'server not ready (exit {proc.poll()}):\n{log}'
+        r = httpx.post(f'{url}/predict', json={'features': EXAMPLE_FEATURES}, timeout=5)
+        assert r.status_code == 200 and r.json()['prediction'] == 'legit' and r.json()['model_version'] == v, r.text
+    finally:
+        proc.terminate()
+        try: proc.wait(timeout=10)
+        except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+        logf.close()
