@@ -8,7 +8,7 @@ __all__ = ['DEFAULT_STORE', 'CHAMPION', 'StoreError', 'ConflictError', 'Integrit
            'load_manifest', 'load_model', 'load_evaluation', 'read_champion', 'set_champion', 'load_champion',
            'record_decision', 'list_decisions', 'model_statuses']
 
-# %% ../nbs/04_registry.ipynb #6bd3a11c
+# %% ../nbs/04_registry.ipynb #98242223
 import getpass, hashlib, io, json, os, secrets, socket, time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,7 +16,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 
-# %% ../nbs/04_registry.ipynb #476af41f
+# %% ../nbs/04_registry.ipynb #9416a13b
 class StoreError(Exception):
     "A registry operation that cannot be done; the message says why."
 
@@ -29,7 +29,7 @@ class IntegrityError(StoreError):
 class NoChampion(StoreError):
     "The store has no champion yet."
 
-# %% ../nbs/04_registry.ipynb #da311363
+# %% ../nbs/04_registry.ipynb #030e5f9b
 def sha256_hex(data: bytes):
     "Hex SHA-256 of `data`."
     return hashlib.sha256(data).hexdigest()
@@ -37,7 +37,7 @@ def sha256_hex(data: bytes):
 class LocalStore:
     "A store in a local folder; keys are '/'-separated paths under `root`."
     def __init__(self, root, create=False, lock_timeout=10.0):
-        self.root, self.lock_timeout = Path(root).expanduser(), lock_timeout
+        self.root, self.lock_timeout = Path(root).expanduser().absolute(), lock_timeout
         if create: self.root.mkdir(parents=True, exist_ok=True)
         elif not self.root.is_dir():
             raise StoreError(f"store {self.root} does not exist (check the path; training creates it)")
@@ -102,7 +102,7 @@ class LocalStore:
             self.put(key, data)
         finally: lock.unlink(missing_ok=True)
 
-# %% ../nbs/04_registry.ipynb #a907f650
+# %% ../nbs/04_registry.ipynb #1b905b93
 def who():
     "user@host, for the audit trail."
     try: user = getpass.getuser()
@@ -113,7 +113,7 @@ def utcnow():
     "Now, UTC, ISO 8601 with seconds."
     return datetime.now(timezone.utc).isoformat(timespec='seconds')
 
-# %% ../nbs/04_registry.ipynb #92b07e03
+# %% ../nbs/04_registry.ipynb #bbd23cd5
 DEFAULT_STORE = 'registry'
 
 def store_uri(uri=None):
@@ -127,7 +127,7 @@ def open_store(uri=None, create=False):
         raise StoreError(f"{uri}: S3 stores are not supported by this version; use a local folder")
     return LocalStore(uri.removeprefix('file://'), create=create)
 
-# %% ../nbs/04_registry.ipynb #0155b0bc
+# %% ../nbs/04_registry.ipynb #d10a51c4
 def new_version_id():
     "A fresh, time-sortable version id."
     now = datetime.now(timezone.utc)
@@ -156,14 +156,23 @@ def list_versions(store):
     "Ids of complete versions (those with a manifest), oldest first."
     return [k.split('/')[1] for k in store.keys('versions') if k.endswith('/manifest.json') and k.count('/') == 2]
 
-# %% ../nbs/04_registry.ipynb #2224b8e5
+# %% ../nbs/04_registry.ipynb #5f60bd05
 def load_manifest(store, version):
     "The manifest of `version`."
     key = f'versions/{version}/manifest.json'
     if not store.exists(key): raise StoreError(f"version {version} not found in store {store.uri}")
-    try: return json.loads(store.get(key))
+    try: manifest = json.loads(store.get(key))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IntegrityError(f"manifest of version {version} is not valid JSON ({e})") from None
+    return _check_manifest(manifest, version)
+
+def _check_manifest(m, version):
+    "`m` if it has the entries loading relies on, else `IntegrityError`."
+    files = [m.get(k) for k in ('model', 'evaluation')] if isinstance(m, dict) else []
+    if not (files and m.get('version') == version and isinstance(m.get('threshold'), (int, float))
+            and all(isinstance(f, dict) and isinstance(f.get('file'), str) and isinstance(f.get('sha256'), str) for f in files)):
+        raise IntegrityError(f"manifest of version {version} lacks its version, threshold or file entries (model, evaluation)")
+    return m
 
 def _verified(store, version, entry):
     data = store.get(f"versions/{version}/{entry['file']}")
@@ -184,16 +193,19 @@ def load_evaluation(store, manifest):
     data = _verified(store, manifest['version'], manifest['evaluation'])
     with np.load(io.BytesIO(data), allow_pickle=False) as z: return z['X'], z['y']
 
-# %% ../nbs/04_registry.ipynb #627fad29
+# %% ../nbs/04_registry.ipynb #9a9a9cce
 CHAMPION = 'champion.json'
 
 def read_champion(store):
     "(pointer dict or None, tag) of the champion pointer."
     data, tag = store.get_tagged(CHAMPION)
     if data is None: return None, None
-    try: return json.loads(data), tag
+    try: pointer = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IntegrityError(f"{CHAMPION} in store {store.uri} is not valid JSON ({e})") from None
+    if not (isinstance(pointer, dict) and isinstance(pointer.get('version'), str)):
+        raise IntegrityError(f"{CHAMPION} in store {store.uri} does not name a version")
+    return pointer, tag
 
 def set_champion(store, version, tag, reason=''):
     "Point the champion at `version` if the pointer still has `tag`; return the new pointer."
@@ -212,7 +224,7 @@ def load_champion(store):
         raise StoreError(f"{CHAMPION} in store {store.uri} names version {pointer['version']}, which is not in the store")
     return load_model(store, pointer['version'])
 
-# %% ../nbs/04_registry.ipynb #a1981902
+# %% ../nbs/04_registry.ipynb #f31cb3f5
 def record_decision(store, decision):
     "Append `decision` (a dict with at least `candidate` and `decision`) to the log; return its key."
     key = f"decisions/{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}-{decision['candidate']}.json"
@@ -223,7 +235,7 @@ def list_decisions(store):
     "All logged decisions, oldest first."
     return [json.loads(store.get(k)) for k in store.keys('decisions') if k.endswith('.json')]
 
-# %% ../nbs/04_registry.ipynb #2930c784
+# %% ../nbs/04_registry.ipynb #275c3110
 def model_statuses(store):
     "One row per version: status (champion, retired, rejected or candidate) and headline metrics."
     pointer, _ = read_champion(store)
