@@ -42,3 +42,16 @@ def test_notify_failure_is_reported_and_the_promotion_stands(store, add_candidat
     r = cli('promote', '--store', store.root, env={'API_URL': 'http://127.0.0.1:9', 'FRAUD_MLOPS_ADMIN_TOKEN': 't'})
     assert r.returncode == 0 and 'notified http://127.0.0.1:9' in r.stdout and 'error' not in r.stderr
     assert json.loads((store.root/'champion.json').read_text())['version'] == v
+
+
+def test_history_floor_and_pruning_from_the_command_line(store, add_candidate):
+    weak = add_candidate(store, n_estimators=3, max_depth=1)
+    r = cli('promote', '--store', store.root, '--min-f1', '0.999', '--no-notify', '--prune-rejected')
+    assert r.returncode == 0 and r.stdout.startswith(f'rejected: {weak}') and f'pruned 1 rejected version(s): {weak}' in r.stdout
+    good = add_candidate(store, n_estimators=30)
+    assert cli('promote', '--store', store.root, '--no-notify').returncode == 0
+    hist = cli('models', '--store', store.root, '--history').stdout.splitlines()
+    assert hist[0].split()[:4] == ['time', 'decision', 'candidate', 'champion']
+    assert [line.split()[1:3] for line in hist[1:]] == [['rejected', weak], ['promoted', good]]
+    log = json.loads(cli('models', '--store', store.root, '--history', '--json').stdout)
+    assert log[0]['reason'].endswith('is below the floor 0.999') and log[1]['by']

@@ -80,3 +80,30 @@ def test_concurrent_promotions_never_lose_an_update(store, add_candidate):
         assert after['champion'] == before['candidate']    # every promotion saw the champion it replaced
     assert read_champion(store)[0]['version'] == promoted[-1]['candidate']
     assert [o for o in outcomes.values() if o == 'promoted'] == ['promoted'] * len(promoted)
+
+
+def test_floor_turns_away_a_weak_first_model_and_the_record_carries_the_bootstrap(store, add_candidate):
+    weak = add_candidate(store, n_estimators=3, max_depth=1)
+    d = promote(store, min_f1=0.999, notify=False)
+    assert d['decision'] == 'rejected' and d['reason'].endswith('is below the floor 0.999') and read_champion(store) == (None, None)
+    promote(store, version=weak, notify=False)                        # decided again, without the floor: first model
+    add_candidate(store, n_estimators=30)
+    d = promote(store, notify=False)
+    b = d['bootstrap']
+    assert (b['resamples'], b['seed']) == (1000, 0) and 0 <= b['p_candidate_better'] <= 1
+    lo, hi = b['f1_difference_ci95']
+    assert lo <= b['f1_difference'] <= hi
+    assert abs(b['f1_difference'] - (d['candidate_metrics']['f1'] - d['champion_metrics']['f1'])) < 1e-12
+    assert d['evaluation']['champion_tested_on_same_rows'] is True    # same data and split: the same frozen rows
+    assert list_decisions(store)[-1]['bootstrap'] == b                # logged as reported
+
+
+def test_prune_rejected_deletes_only_rejected_versions_and_keeps_their_records(store, add_candidate):
+    good = add_candidate(store, n_estimators=30); promote(store, notify=False)
+    weak = add_candidate(store, n_estimators=3, max_depth=1); assert promote(store, notify=False)['decision'] == 'rejected'
+    weaker = add_candidate(store, n_estimators=2, max_depth=1)
+    d = promote(store, notify=False, prune=True)
+    assert d['decision'] == 'rejected' and sorted(d['pruned']) == sorted([weak, weaker])
+    assert not (store.root/'versions'/weak).exists() and not (store.root/'versions'/weaker).exists()
+    assert [r['version'] for r in model_statuses(store)] == [good]
+    assert [x['candidate'] for x in list_decisions(store)] == [good, weak, weaker]
