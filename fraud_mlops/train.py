@@ -6,7 +6,7 @@
 __all__ = ['TrainingResult', 'train_candidate', 'result_row', 'search_lgbm', 'library_versions', 'peak_memory_mb',
            'build_manifest']
 
-# %% ../nbs/03_train.ipynb #985e7c47
+# %% ../nbs/03_train.ipynb #786f344a
 import platform, resource, time
 from dataclasses import dataclass, field
 
@@ -19,7 +19,7 @@ from .evaluation import bootstrap_intervals, choose_threshold, classification_me
 from .modelling import DEFAULTS, features_and_labels, fit_model, fraud_probability, make_model
 from .registry import utcnow
 
-# %% ../nbs/03_train.ipynb #81bd5345
+# %% ../nbs/03_train.ipynb #6de629b3
 @dataclass
 class TrainingResult:
     "A fitted model, its threshold and metrics, and the frozen test rows it was measured on."
@@ -63,7 +63,7 @@ def train_candidate(df, model='lgbm', valid=0.2, test=0.2, split='time', policy=
                           money_view(yte, p_test, threshold, parts[2].Amount.to_numpy(), review_cost),
                           describe_split(parts), Xte, yte, p_test, yva, p_valid, seconds, fit_seconds)
 
-# %% ../nbs/03_train.ipynb #b38d42b1
+# %% ../nbs/03_train.ipynb #f7b95643
 def result_row(name, r):
     "One row of the comparison table: test metrics with their intervals, and the fit time."
     t, ci = r.metrics['test'], r.intervals.get('test', {})
@@ -72,7 +72,7 @@ def result_row(name, r):
             'recall': fmt('recall'), 'threshold': round(r.threshold, 4), 'alerts': t['tp'] + t['fp'],
             'first fit s': round(r.fit_seconds, 1), 'fit s (with refit)': round(r.seconds, 1)}
 
-# %% ../nbs/03_train.ipynb #f9f50a05
+# %% ../nbs/03_train.ipynb #1627fbfb
 def search_lgbm(df, trials=30, timeout=300, valid=0.2, test=0.2, legit_fraction=1.0, n_jobs=1, random_state=42):
     "Best LightGBM settings by validation AUPRC over a seeded Optuna TPE search; returns (params, study)."
     import optuna
@@ -94,7 +94,7 @@ def search_lgbm(df, trials=30, timeout=300, valid=0.2, test=0.2, legit_fraction=
     with threadpool_limits(limits=n_jobs if n_jobs > 0 else None): study.optimize(objective, n_trials=trials, timeout=timeout)
     return {**study.best_params, 'subsample_freq': 1}, study
 
-# %% ../nbs/03_train.ipynb #d3bc99fe
+# %% ../nbs/03_train.ipynb #f48e6109
 def library_versions():
     "Versions of the libraries a bundle depends on, for the manifest."
     import joblib, sklearn
