@@ -8,7 +8,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 export FRAUD_MLOPS_STORE ?= registry
 
-.PHONY: install data train promote serve run test lab clean
+.PHONY: install data train promote serve run test lab bench clean
 
 $(STAMP): setup.py settings.ini
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,9 @@ test: install ## notebook tests (nbdev_test) and integration tests (pytest)
 	FRAUD_MLOPS_STORE=$$(mktemp -d) $(BIN)/nbdev_test --n_workers 2
 	$(BIN)/pytest -q tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here"; exit 1; fi; exit $$rc
+
+bench: install ## load-test the API on 127.0.0.1 against the seed's way of serving and a no-model ceiling (needs wrk)
+	$(BIN)/python bench/serve_bench.py
 
 lab: install ## JupyterLab on nbs/ with the package installed in editable mode
 	$(BIN)/jupyter lab --notebook-dir=nbs

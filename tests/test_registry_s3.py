@@ -104,11 +104,11 @@ def test_bucket_missing_prefix_typo_and_bad_names_are_clear_errors(mock_s3_uri, 
 
 
 def test_a_pointer_to_a_missing_version_is_reported_and_rollback_repairs_it(mock_s3_uri, parts, weak, good):
-    from fraud_mlops.serving import load_served
+    from fraud_mlops.serving import next_model
     s = open_store(mock_s3_uri, create=True)
     old = bundle(s, weak, parts); promote(s, notify=False)
     s.put('champion.json', json.dumps({'version': 'ghost', 'previous': old}).encode())
-    for load in (lambda: load_champion(s), lambda: load_served(mock_s3_uri)):
+    for load in (lambda: load_champion(s), lambda: next_model(mock_s3_uri)):
         with pytest.raises(StoreError, match='champion.json in store s3://fraud-models/registry names version ghost, which is not in the store'):
             load()
     bundle(s, good, parts)

@@ -131,11 +131,17 @@ def test_metrics(client, champion):
     r = client.get('/metrics')
     assert r.headers['content-type'].startswith('text/plain; version=0.0.4')
     lines = set(r.text.splitlines())
-    for line in ['fraud_mlops_requests_total{endpoint="/predict"} 1', 'fraud_mlops_requests_total{endpoint="/predict/batch"} 1',
-                 'fraud_mlops_invalid_requests_total{endpoint="/predict"} 1', 'fraud_mlops_predictions_total{prediction="legit"} 3',
-                 'fraud_mlops_predictions_total{prediction="fraud"} 0', f'fraud_mlops_model_info{{version="{champion}"}} 1',
-                 'fraud_mlops_ready 1', '# TYPE fraud_mlops_reloads_total counter']:
+    for line in ['fraud_mlops_requests_total{route="/predict",status="200"} 1.0',
+                 'fraud_mlops_requests_total{route="/predict/batch",status="200"} 1.0',
+                 'fraud_mlops_requests_total{route="/predict",status="422"} 1.0',  # the invalid one
+                 'fraud_mlops_request_seconds_count{route="/predict",status="200"} 1.0',
+                 'fraud_mlops_predictions_total{prediction="legit"} 3.0', 'fraud_mlops_predictions_total{prediction="fraud"} 0.0',
+                 'fraud_mlops_fraud_probability_count 3.0',
+                 f'fraud_mlops_model_info{{runtime="sklearn-pipeline",version="{champion}"}} 1.0',
+                 'fraud_mlops_ready 1.0', 'fraud_mlops_reload_failing 0.0', '# TYPE fraud_mlops_reloads_total counter',
+                 '# TYPE fraud_mlops_request_seconds histogram']:
         assert line in lines, line
+    assert not any(l.startswith('fraud_mlops_requests_total{route="/metrics"') for l in lines)  # counted when answered, after rendering
 
 
 def test_openapi_has_the_example():
@@ -234,7 +240,7 @@ def assert_not_ready(c, reason):
     for r in (c.get('/health/ready'), c.get('/model'), c.post('/predict', json={'features': EXAMPLE_FEATURES}),
               c.post('/predict/batch', json={'instances': [EXAMPLE_FEATURES]})):
         assert r.status_code == 503 and r.json()['detail'].startswith('no model loaded: ') and reason in r.json()['detail'], r.json()
-    assert 'fraud_mlops_ready 0' in c.get('/metrics').text.splitlines()
+    assert 'fraud_mlops_ready 0.0' in c.get('/metrics').text.splitlines()
 
 
 def test_no_store(tmp_path, monkeypatch):
@@ -291,7 +297,7 @@ def test_reload_unchanged(client, champion):
     v = champion
     r = client.post('/reload', headers=ADMIN)
     assert (r.status_code, r.json()) == (200, {'reloaded': False, 'model_version': v, 'previous_version': v})
-    assert 'fraud_mlops_reloads_total{result="unchanged"} 1' in client.get('/metrics').text
+    assert 'fraud_mlops_reloads_total{result="unchanged"} 1.0' in client.get('/metrics').text.splitlines()
 
 
 def test_reload_picks_up_a_promotion(client, store, champion, model, data):
@@ -305,7 +311,7 @@ def test_reload_picks_up_a_promotion(client, store, champion, model, data):
         'prediction': 'fraud', 'fraud_probability': model.predict_proba(np.array([EXAMPLE_FEATURES]))[0, 1], 'model_version': v2}
     assert client.get('/').json()['model_version'] == v2
     assert client.get('/model').json()['threshold'] == 0.0
-    assert f'fraud_mlops_model_info{{version="{v2}"}} 1' in client.get('/metrics').text
+    assert f'fraud_mlops_model_info{{runtime="sklearn-pipeline",version="{v2}"}} 1.0' in client.get('/metrics').text.splitlines()
 
 
 def test_failed_reload_keeps_serving(client, store, champion, model, data):
@@ -320,7 +326,10 @@ def test_failed_reload_keeps_serving(client, store, champion, model, data):
     assert client.post('/predict', json={'features': EXAMPLE_FEATURES}).json()['model_version'] == v1
     assert client.get('/health/ready').json() == {'status': 'ready', 'model_version': v1}
     assert client.get('/').json()['status'] == 'ready'
-    assert 'fraud_mlops_reloads_total{result="failed"} 1' in client.get('/metrics').text
+    lines = client.get('/metrics').text.splitlines()
+    assert 'fraud_mlops_reloads_total{result="failed"} 1.0' in lines and 'fraud_mlops_reload_failing 1.0' in lines
+    failure = client.get('/model').json()['serving']['reload_failure']
+    assert failure['serving'] == v1 and "does not match its manifest's SHA-256" in failure['error']
     (store.root / 'champion.json').unlink()  # the pointer itself gone: still serving
     assert client.post('/reload', headers=ADMIN).status_code == 503
     assert client.post('/predict', json={'features': EXAMPLE_FEATURES}).status_code == 200
@@ -357,3 +366,59 @@ def test_real_uvicorn_server(store, champion, tmp_path):
         try: proc.wait(timeout=10)
         except subprocess.TimeoutExpired: proc.kill(); proc.wait()
         logf.close()
+
+
+# ---------------------------------------------------------------- request path: access log, limits, fast parser
+
+def test_one_json_log_line_per_request(client, champion, monkeypatch):
+    import io
+    from fraud_mlops import serving
+    out = io.BytesIO()
+    serving.state.access_log = serving.AccessLog(out, lines=1)
+    client.post('/predict', json={'features': EXAMPLE_FEATURES}, headers={'X-Request-ID': 'trace-7'})
+    r = client.post('/predict', json={'features': [1]})
+    client.get('/nowhere')
+    lines = [json.loads(l) for l in out.getvalue().splitlines()]
+    assert [(l['route'], l['status'], l['model_version']) for l in lines] == [('/predict', 200, champion), ('/predict', 422, None),
+                                                                              ('other', 404, None)]
+    assert lines[0]['id'] == 'trace-7' and lines[1]['id'] == r.headers['x-request-id'] != 'trace-7'
+    assert {'time', 'method', 'ms', 'pid'} <= set(lines[0]) and 'features' not in lines[0]  # no raw features by default
+    serving.state.log_features = True
+    client.post('/predict', json={'features': EXAMPLE_FEATURES})
+    assert json.loads(out.getvalue().splitlines()[-1])['features'] == EXAMPLE_FEATURES
+
+
+def test_body_size_limits(champion, monkeypatch):
+    monkeypatch.setenv('FRAUD_MLOPS_MAX_BODY_BYTES', '5000')
+    with TestClient(app) as c:
+        r = post_raw(c, '/predict/batch', json.dumps({'instances': [EXAMPLE_FEATURES] * 10}))
+        assert r.status_code == 413 and r.json()['detail'].startswith('request body of ') and 'limit of 5000 bytes' in r.json()['detail']
+        assert c.post('/predict', json={'features': EXAMPLE_FEATURES}).status_code == 200
+        r = post_raw(c, '/predict', json.dumps({'features': EXAMPLE_FEATURES, 'pad': 'x' * 6000}))
+        assert r.status_code == 413  # /predict never takes more than min(limit, 64 KiB)
+
+
+@pytest.mark.parametrize('body', [{'features': list(range(30))}, {'features': EXAMPLE_FEATURES, 'extra': [1, 2]},
+                                  {'features': [int(1e18)] + EXAMPLE_FEATURES[1:]}])
+def test_fast_parser_accepts_what_pydantic_accepts(client, model, body):
+    r = client.post('/predict', json=body)
+    assert r.status_code == 200
+    assert r.json()['fraud_probability'] == model.predict_proba(np.array([body['features']], dtype=float))[0, 1]
+
+
+def test_default_model_runtime_matches_pipeline(store, monkeypatch, ci_df, add_candidate):
+    "The shipped default (a real trained LightGBM candidate) is served by the C API runtime with predict_proba's probabilities."
+    from fraud_mlops import serving
+    from fraud_mlops.registry import load_model
+    v = add_candidate(store, n_estimators=60)
+    set_champion(store, v, None)
+    monkeypatch.setenv('FRAUD_MLOPS_STORE', store.uri)
+    X = ci_df[FEATURES].to_numpy()
+    pipeline = load_model(store, v)[0]
+    with TestClient(app) as c:
+        assert serving.state.served.runtime == 'lightgbm-c-api'
+        want = pipeline.predict_proba(X[:200])[:, 1]
+        batch = c.post('/predict/batch', json={'instances': X[:200].tolist()}).json()['predictions']
+        singles = [c.post('/predict', json={'features': x.tolist()}).json()['fraud_probability'] for x in X[:50]]
+    assert np.abs(np.array([p['fraud_probability'] for p in batch]) - want).max() <= serving.TOLERANCE
+    assert np.abs(np.array(singles) - want[:50]).max() <= serving.TOLERANCE
