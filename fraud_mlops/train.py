@@ -6,7 +6,7 @@
 __all__ = ['TrainingResult', 'train_candidate', 'result_row', 'search_lgbm', 'library_versions', 'peak_memory_mb',
            'build_manifest']
 
-# %% ../nbs/03_train.ipynb #786f344a
+# %% ../nbs/03_train.ipynb #89a0e83a
 import platform, resource, time
 from dataclasses import dataclass, field
 
@@ -19,7 +19,7 @@ from .evaluation import bootstrap_intervals, choose_threshold, classification_me
 from .modelling import DEFAULTS, features_and_labels, fit_model, fraud_probability, make_model
 from .registry import utcnow
 
-# %% ../nbs/03_train.ipynb #6de629b3
+# %% ../nbs/03_train.ipynb #d995a691
 @dataclass
 class TrainingResult:
     "A fitted model, its threshold and metrics, and the frozen test rows it was measured on."
@@ -63,7 +63,7 @@ def train_candidate(df, model='lgbm', valid=0.2, test=0.2, split='time', policy=
                           money_view(yte, p_test, threshold, parts[2].Amount.to_numpy(), review_cost),
                           describe_split(parts), Xte, yte, p_test, yva, p_valid, seconds, fit_seconds)
 
-# %% ../nbs/03_train.ipynb #f7b95643
+# %% ../nbs/03_train.ipynb #baca135a
 def result_row(name, r):
     "One row of the comparison table: test metrics with their intervals, and the fit time."
     t, ci = r.metrics['test'], r.intervals.get('test', {})
@@ -72,7 +72,7 @@ def result_row(name, r):
             'recall': fmt('recall'), 'threshold': round(r.threshold, 4), 'alerts': t['tp'] + t['fp'],
             'first fit s': round(r.fit_seconds, 1), 'fit s (with refit)': round(r.seconds, 1)}
 
-# %% ../nbs/03_train.ipynb #1627fbfb
+# %% ../nbs/03_train.ipynb #aa398057
 def search_lgbm(df, trials=30, timeout=300, valid=0.2, test=0.2, legit_fraction=1.0, n_jobs=1, random_state=42):
     "Best LightGBM settings by validation AUPRC over a seeded Optuna TPE search; returns (params, study)."
     import optuna
@@ -81,9 +81,9 @@ def search_lgbm(df, trials=30, timeout=300, valid=0.2, test=0.2, legit_fraction=
     tr, va, _ = time_split(df, valid, test)
     (Xtr, ytr), (Xva, yva) = features_and_labels(tr), features_and_labels(va)
     def objective(trial):
-        p = dict(n_estimators=trial.suggest_int('n_estimators', 100, 600, step=50),
-                 learning_rate=trial.suggest_float('learning_rate', 0.01, 0.15, log=True),
-                 num_leaves=trial.suggest_int('num_leaves', 7, 63),
+        p = dict(n_estimators=trial.suggest_int('n_estimators', 100, 300, step=50),
+                 learning_rate=trial.suggest_float('learning_rate', 0.02, 0.2, log=True),
+                 num_leaves=trial.suggest_int('num_leaves', 7, 31),
                  min_child_weight=trial.suggest_float('min_child_weight', 0.1, 20, log=True),
                  reg_lambda=trial.suggest_float('reg_lambda', 0.1, 30, log=True),
                  subsample=trial.suggest_float('subsample', 0.5, 1.0), subsample_freq=1,
@@ -94,7 +94,7 @@ def search_lgbm(df, trials=30, timeout=300, valid=0.2, test=0.2, legit_fraction=
     with threadpool_limits(limits=n_jobs if n_jobs > 0 else None): study.optimize(objective, n_trials=trials, timeout=timeout)
     return {**study.best_params, 'subsample_freq': 1}, study
 
-# %% ../nbs/03_train.ipynb #f48e6109
+# %% ../nbs/03_train.ipynb #ea735a17
 def library_versions():
     "Versions of the libraries a bundle depends on, for the manifest."
     import joblib, sklearn
