@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['next_candidate', 'score_on', 'gate', 'paired_bootstrap', 'notify_api', 'prune_rejected', 'promote', 'rollback']
 
-# %% ../nbs/05_promotion.ipynb #20dccff3
+# %% ../nbs/05_promotion.ipynb #bf1b9f87
 import json, os, urllib.error, urllib.request
 
 import numpy as np
@@ -15,7 +15,7 @@ from .modelling import fraud_probability
 from .registry import (StoreError, decided_versions, delete_version, list_versions, load_evaluation,
                                   load_model, read_champion, record_decision, set_champion, version_statuses)
 
-# %% ../nbs/05_promotion.ipynb #82c677e6
+# %% ../nbs/05_promotion.ipynb #6b979122
 def _undecided(store, pointer):
     decided = decided_versions(store) | {pointer and pointer['version']}
     todo = [v for v in list_versions(store) if v not in decided]
@@ -40,7 +40,7 @@ def gate(candidate_f1, champion_f1, min_gain=0.0, min_f1=None):
         return True, f'candidate F1 {candidate_f1:.4f} beats champion F1 {champion_f1:.4f} by {gain:+.4f} (needed > {min_gain:g})'
     return False, f'candidate F1 {candidate_f1:.4f} does not beat champion F1 {champion_f1:.4f} by more than {min_gain:g} (gain {gain:+.4f})'
 
-# %% ../nbs/05_promotion.ipynb #1d17c83a
+# %% ../nbs/05_promotion.ipynb #63fec355
 def _f1(counts, pred, y):
     "F1 of boolean predictions `pred` against `y` under each row of resampling `counts`."
     tp, fp, fn = counts @ (pred & y), counts @ (pred & ~y), counts @ (~pred & y)
@@ -62,7 +62,7 @@ def paired_bootstrap(y, candidate, champion, resamples=1000, seed=0):
             'f1_difference_ci95': [float(lo), float(hi)],
             'p_candidate_better': float(np.mean(diff > 0)), 'p_tie': float(np.mean(diff == 0))}
 
-# %% ../nbs/05_promotion.ipynb #356b1f01
+# %% ../nbs/05_promotion.ipynb #f6d21aaa
 def notify_api(url=None, token=None, timeout=5.0):
     "Ask a running API to reload (`POST {url}/reload`); report what happened, never raise."
     url = url or os.environ.get('API_URL')
@@ -75,7 +75,7 @@ def notify_api(url=None, token=None, timeout=5.0):
     except urllib.error.HTTPError as e: return {'url': url, 'status': e.code, 'error': e.read().decode()[:500]}
     except Exception as e: return {'url': url, 'error': repr(e)}
 
-# %% ../nbs/05_promotion.ipynb #27a1f41a
+# %% ../nbs/05_promotion.ipynb #49cd196b
 def prune_rejected(store):
     "Delete the files of every rejected version except the champion and its predecessor; return their ids."
     pointer, _ = read_champion(store)
@@ -84,7 +84,7 @@ def prune_rejected(store):
     for v in gone: delete_version(store, v)
     return gone
 
-# %% ../nbs/05_promotion.ipynb #fc37f835
+# %% ../nbs/05_promotion.ipynb #d8e007f3
 def promote(store, version=None, min_gain=0.0, dry_run=False, notify=True, min_f1=None, prune=False,
             resamples=1000, seed=0):
     "Decide on candidate `version` (default: the newest undecided); flip the champion pointer if it wins."
@@ -116,7 +116,7 @@ def promote(store, version=None, min_gain=0.0, dry_run=False, notify=True, min_f
     if ok and notify: decision['notify'] = notify_api()
     return decision
 
-# %% ../nbs/05_promotion.ipynb #e349b865
+# %% ../nbs/05_promotion.ipynb #c82f0720
 def rollback(store, to=None, notify=True):
     "Point the champion at `to` (default: the version before the current champion); log and return the decision."
     pointer, tag = read_champion(store)
