@@ -6,7 +6,7 @@
 __all__ = ['TrainingResult', 'train_candidate', 'result_row', 'search_lgbm', 'library_versions', 'peak_memory_mb',
            'build_manifest']
 
-# %% ../nbs/03_train.ipynb #89a0e83a
+# %% ../nbs/03_train.ipynb #0599df54
 import platform, resource, time
 from dataclasses import dataclass, field
 
@@ -17,9 +17,8 @@ from threadpoolctl import threadpool_limits
 from .data import FEATURES, TARGET, describe_split, random_split, time_split
 from .evaluation import bootstrap_intervals, choose_threshold, classification_metrics, money_view
 from .modelling import DEFAULTS, features_and_labels, fit_model, fraud_probability, make_model
-from .registry import utcnow
 
-# %% ../nbs/03_train.ipynb #d995a691
+# %% ../nbs/03_train.ipynb #98796ecc
 @dataclass
 class TrainingResult:
     "A fitted model, its threshold and metrics, and the frozen test rows it was measured on."
@@ -63,7 +62,7 @@ def train_candidate(df, model='lgbm', valid=0.2, test=0.2, split='time', policy=
                           money_view(yte, p_test, threshold, parts[2].Amount.to_numpy(), review_cost),
                           describe_split(parts), Xte, yte, p_test, yva, p_valid, seconds, fit_seconds)
 
-# %% ../nbs/03_train.ipynb #baca135a
+# %% ../nbs/03_train.ipynb #74f748f9
 def result_row(name, r):
     "One row of the comparison table: test metrics with their intervals, and the fit time."
     t, ci = r.metrics['test'], r.intervals.get('test', {})
@@ -72,7 +71,7 @@ def result_row(name, r):
             'recall': fmt('recall'), 'threshold': round(r.threshold, 4), 'alerts': t['tp'] + t['fp'],
             'first fit s': round(r.fit_seconds, 1), 'fit s (with refit)': round(r.seconds, 1)}
 
-# %% ../nbs/03_train.ipynb #aa398057
+# %% ../nbs/03_train.ipynb #f080b548
 def search_lgbm(df, trials=30, timeout=300, valid=0.2, test=0.2, legit_fraction=1.0, n_jobs=1, random_state=42):
     "Best LightGBM settings by validation AUPRC over a seeded Optuna TPE search; returns (params, study)."
     import optuna
@@ -94,7 +93,7 @@ def search_lgbm(df, trials=30, timeout=300, valid=0.2, test=0.2, legit_fraction=
     with threadpool_limits(limits=n_jobs if n_jobs > 0 else None): study.optimize(objective, n_trials=trials, timeout=timeout)
     return {**study.best_params, 'subsample_freq': 1}, study
 
-# %% ../nbs/03_train.ipynb #ea735a17
+# %% ../nbs/03_train.ipynb #b28f9183
 def library_versions():
     "Versions of the libraries a bundle depends on, for the manifest."
     import joblib, sklearn
@@ -110,8 +109,8 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 def build_manifest(result, data_path, data_sha256, rows, frauds, params, comparison=None):
-    "The manifest of a training run, without the file entries `save_version` adds."
-    return {'created_at': utcnow(), 'kind': 'candidate', 'model_kind': result.kind, 'model_params': result.params,
+    "The manifest of a training run, without what `save_version` adds (version, time, file entries)."
+    return {'kind': 'candidate', 'model_kind': result.kind, 'model_params': result.params,
             'fit_on_legit_fraction': params.get('legit_fraction', 1.0),
             'protocol': {'split': 'time-ordered', 'fit_on': 'train, then refit on train+validation' if params.get('refit', True) else 'train',
                          'threshold_policy': params.get('threshold_policy', 'f1'), 'threshold_chosen_on': 'validation',
