@@ -11,7 +11,7 @@ __all__ = ['S3_DEFAULTS', 'DEFAULT_STORE', 'SIGNING_KEY_VAR', 'CHAMPION', 'Store
            'read_champion', 'set_champion', 'load_champion', 'record_decision', 'decided_versions', 'list_decisions',
            'version_statuses', 'signature_status', 'model_statuses']
 
-# %% ../nbs/04_registry.ipynb #efc9c6f4
+# %% ../nbs/04_registry.ipynb #b3ed3006
 import getpass, hashlib, hmac, io, json, os, re, secrets, socket, time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +19,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 
-# %% ../nbs/04_registry.ipynb #416ef7da
+# %% ../nbs/04_registry.ipynb #ce38d85c
 class StoreError(Exception):
     "A registry operation that cannot be done; the message says why."
 
@@ -35,7 +35,7 @@ class IntegrityError(StoreError):
 class NoChampion(StoreError):
     "The store has no champion yet."
 
-# %% ../nbs/04_registry.ipynb #187c8dfe
+# %% ../nbs/04_registry.ipynb #8b121e43
 def sha256_hex(data: bytes):
     "Hex SHA-256 of `data`."
     return hashlib.sha256(data).hexdigest()
@@ -116,7 +116,7 @@ class LocalStore:
             try: d.rmdir()
             except OSError: break
 
-# %% ../nbs/04_registry.ipynb #3b0adcc4
+# %% ../nbs/04_registry.ipynb #b501cda5
 def who():
     "user@host, for the audit trail."
     try: user = getpass.getuser()
@@ -127,7 +127,7 @@ def utcnow():
     "Now, UTC, ISO 8601 with seconds."
     return datetime.now(timezone.utc).isoformat(timespec='seconds')
 
-# %% ../nbs/04_registry.ipynb #60368c1f
+# %% ../nbs/04_registry.ipynb #ba4f52cb
 S3_DEFAULTS = {'AWS_MAX_ATTEMPTS': 3, 'FRAUD_MLOPS_S3_CONNECT_TIMEOUT': 3.0, 'FRAUD_MLOPS_S3_READ_TIMEOUT': 20.0}
 
 def _env_number(name, kind=float):
@@ -155,7 +155,7 @@ def s3_client():
     import boto3
     return boto3.session.Session().client('s3', endpoint_url=s3_endpoint(), config=s3_config())
 
-# %% ../nbs/04_registry.ipynb #a63aadbf
+# %% ../nbs/04_registry.ipynb #eb6fcc77
 _BUCKET = re.compile(r'^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$')
 
 def parse_s3_uri(uri):
@@ -166,7 +166,7 @@ def parse_s3_uri(uri):
         raise StoreError(f"{uri}: {bucket!r} is not a valid S3 bucket name (write s3://bucket/prefix)")
     return bucket, '/'.join(p for p in prefix.split('/') if p)
 
-# %% ../nbs/04_registry.ipynb #4ecc8249
+# %% ../nbs/04_registry.ipynb #be9abc0a
 _CREDENTIAL_CODES = {'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'ExpiredToken', 'InvalidToken', 'TokenRefreshRequired'}
 
 def _s3_error(store, e, op, key=None, conflict=None):
@@ -198,7 +198,7 @@ def _s3_error(store, e, op, key=None, conflict=None):
                           "check AWS_ENDPOINT_URL and the network")
     return StoreError(f"S3 {op} on {where} failed: {e}")
 
-# %% ../nbs/04_registry.ipynb #3d0c75ff
+# %% ../nbs/04_registry.ipynb #d4cf1a37
 class S3Store:
     "A store under `s3://bucket/prefix`, with the same interface as `LocalStore`, through boto3."
     def __init__(self, uri, client=None):
@@ -284,7 +284,7 @@ class S3Store:
         "Remove `key` if present."
         self._call('delete_object', key)
 
-# %% ../nbs/04_registry.ipynb #d31ec7cd
+# %% ../nbs/04_registry.ipynb #f692f1b2
 def request_log(store):
     "A list that fills with (operation, key, conditions) of every S3 call `store` makes from now on."
     seen, root = [], store._key('')
@@ -295,7 +295,7 @@ def request_log(store):
     store.client.meta.events.register('provide-client-params.s3.*', hook)
     return seen
 
-# %% ../nbs/04_registry.ipynb #e345694a
+# %% ../nbs/04_registry.ipynb #3c54847d
 DEFAULT_STORE = 'registry'
 
 def store_uri(uri=None):
@@ -311,7 +311,7 @@ def open_store(uri=None, create=False):
         raise StoreError(f"{uri}: unknown kind of store {scheme}://; use a folder or s3://bucket/prefix")
     return LocalStore(re.sub(r'^file://', '', uri, flags=re.I), create=create)
 
-# %% ../nbs/04_registry.ipynb #1a630409
+# %% ../nbs/04_registry.ipynb #2be09ffa
 SIGNING_KEY_VAR = 'FRAUD_MLOPS_SIGNING_KEY'
 
 def signing_key():
@@ -344,7 +344,7 @@ def verify_manifest(manifest, key, version):
            if sig.get('key_id') != key_id(key) else 'it was modified after signing')
     raise IntegrityError(f"signature of the manifest of version {version} does not match: {why}; refusing to load it")
 
-# %% ../nbs/04_registry.ipynb #3befe557
+# %% ../nbs/04_registry.ipynb #a83682df
 def new_version_id():
     "A fresh, time-sortable version id."
     now = datetime.now(timezone.utc)
@@ -379,7 +379,7 @@ def delete_version(store, version):
     store.delete(f'versions/{version}/manifest.json')
     for k in store.keys(f'versions/{version}'): store.delete(k)
 
-# %% ../nbs/04_registry.ipynb #69670674
+# %% ../nbs/04_registry.ipynb #20decf2b
 def load_manifest(store, version, verify=True):
     "The manifest of `version`; with `verify` and a signing key, only if its signature is valid."
     try: raw = store.get(f'versions/{version}/manifest.json')
@@ -424,7 +424,7 @@ def load_evaluation(store, manifest):
     data = _verified(store, manifest['version'], manifest['evaluation'])
     with np.load(io.BytesIO(data), allow_pickle=False) as z: return z['X'], z['y']
 
-# %% ../nbs/04_registry.ipynb #4bf28d87
+# %% ../nbs/04_registry.ipynb #11451909
 CHAMPION = 'champion.json'
 
 def read_champion(store):
@@ -447,16 +447,16 @@ def set_champion(store, version, tag, reason='', pointer=None):
     store.put_if(CHAMPION, json.dumps(new, indent=1).encode(), tag)
     return new
 
-def load_champion(store):
-    "(model, manifest) of the champion; `NoChampion` if there is none."
-    pointer, _ = read_champion(store)
+def load_champion(store, pointer=None):
+    "(model, manifest) of the champion (named by `pointer` when the caller has read it); `NoChampion` if there is none."
+    if pointer is None: pointer, _ = read_champion(store)
     if pointer is None: raise NoChampion(f"store {store.uri} has no champion yet: train a model and promote it")
     try: manifest = load_manifest(store, pointer['version'])
     except Missing:
         raise StoreError(f"{CHAMPION} in store {store.uri} names version {pointer['version']}, which is not in the store") from None
     return model_from(store, manifest), manifest
 
-# %% ../nbs/04_registry.ipynb #12da1549
+# %% ../nbs/04_registry.ipynb #a085d4d4
 def record_decision(store, decision):
     "Append `decision` (a dict with at least `candidate` and `decision`) to the log; return its key."
     key = f"decisions/{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}-{decision['candidate']}.json"
@@ -477,7 +477,7 @@ def list_decisions(store):
             raise IntegrityError(f"decision record {k} in store {store.uri} is not valid JSON ({e})") from None
     return out
 
-# %% ../nbs/04_registry.ipynb #ac1620b2
+# %% ../nbs/04_registry.ipynb #b052dc13
 def version_statuses(store, pointer=None):
     "{version: status} of complete versions: champion, retired (once champion), rejected or candidate."
     last = {d['candidate']: d['decision'] for d in list_decisions(store)}
