@@ -1,5 +1,5 @@
 "Tests of the HTTP API (fraud_mlops.serving): contract, bad input, readiness, reload, and one real uvicorn server."
-import json, os, socket, subprocess, sys, time
+import json, os, subprocess, sys, time
 from pathlib import Path
 
 import httpx
@@ -13,6 +13,7 @@ from sklearn.preprocessing import StandardScaler
 from fraud_mlops.data import FEATURES, TARGET
 from fraud_mlops.registry import read_champion, save_version, set_champion
 from fraud_mlops.serving import EXAMPLE_FEATURES, app
+from test_end_to_end import free_port  # one loopback port helper for every real-server test
 
 TOKEN = 'test-admin-token'
 ADMIN = {'Authorization': f'Bearer {TOKEN}'}
@@ -336,11 +337,6 @@ def test_failed_reload_keeps_serving(client, store, champion, model, data):
 
 
 # ---------------------------------------------------------------- a real server
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
 
 def test_real_uvicorn_server(store, champion, tmp_path):
     v = champion

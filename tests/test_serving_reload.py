@@ -1,6 +1,6 @@
 """Real uvicorn servers (issue 5): reload under load with two workers, tampered bundles refused while serving, a store that
 comes up after the server, 100 reloads and memory, and schemathesis against /openapi.json. All traffic is to 127.0.0.1."""
-import asyncio, json, os, shutil, socket, subprocess, sys, time
+import asyncio, json, os, shutil, subprocess, sys, time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,6 +12,7 @@ from fraud_mlops.data import FEATURES, TARGET
 from fraud_mlops.modelling import make_model
 from fraud_mlops.registry import open_store, read_champion, save_version, set_champion
 from fraud_mlops.serving import EXAMPLE_FEATURES, TOLERANCE, fast_predictor
+from test_end_to_end import free_port  # one loopback port helper for every real-server test
 
 TOKEN = 'reload-test-token'
 ADMIN = {'Authorization': f'Bearer {TOKEN}'}
@@ -47,10 +48,6 @@ def promote(store, model, data, threshold=0.5):
     set_champion(store, v, read_champion(store)[1])
     return v
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
 @contextmanager
