@@ -8,12 +8,13 @@ __all__ = ['EXAMPLE_FEATURES', 'PARALLEL_ROWS', 'BATCH_THREADS', 'TOLERANCE', 'l
            'SINGLE_MAX_BODY', 'DEFAULT_POLL_SECONDS', 'PERMANENT', 'state', 'app', 'INLINE_ROWS', 'single_threaded',
            'BoosterRuntime', 'fast_predictor', 'ServingError', 'ServedModel', 'prepare_model', 'next_model',
            'Transaction', 'Batch', 'Scored', 'Prediction', 'BatchPrediction', 'Status', 'Ready', 'Reloaded', 'Error',
-           'explain_error', 'explain_errors', 'BadRequest', 'is_json_type', 'parse_rows', 'ServingMetrics', 'AccessLog',
-           'env_number', 'max_batch_rows', 'ServingState', 'refresh', 'poll_champion', 'pin_threads', 'lifespan',
-           'observe', 'invalid_request', 'served', 'status', 'live', 'ready', 'model_manifest', 'metrics', 'read_body',
-           'predict', 'predict_batch', 'openapi', 'require_admin', 'reload', 'serve']
+           'explain_error', 'explain_errors', 'BadRequest', 'is_json_type', 'simd_batch', 'parse_rows',
+           'ServingMetrics', 'AccessLog', 'env_number', 'max_batch_rows', 'ServingState', 'refresh', 'poll_champion',
+           'pin_threads', 'lifespan', 'observe', 'invalid_request', 'served', 'status', 'live', 'ready',
+           'model_manifest', 'metrics', 'read_body', 'predict', 'predict_batch', 'openapi', 'require_admin', 'reload',
+           'serve']
 
-# %% ../nbs/06_serving.ipynb #a491a0ec
+# %% ../nbs/06_serving.ipynb #c0a2cd69
 import asyncio, hmac, json, logging, os, sys, time
 from bisect import bisect_left
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 import orjson
+import simdjson
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -36,14 +38,14 @@ from .modelling import FraudFeatures
 from .registry import (IntegrityError, NoChampion, StoreError, load_champion, open_store, read_champion,
                                   store_uri)
 
-# %% ../nbs/06_serving.ipynb #b0b169d4
+# %% ../nbs/06_serving.ipynb #800b4ace
 EXAMPLE_FEATURES = [0.0, -1.3598071336738, -0.0727811733098497, 2.53634673796914, 1.37815522427443, -0.338320769942518,
     0.462387777762292, 0.239598554061257, 0.0986979012610507, 0.363786969611213, 0.0907941719789316, -0.551599533260813,
     -0.617800855762348, -0.991389847235408, -0.311169353699879, 1.46817697209427, -0.470400525259478, 0.207971241929242,
     0.0257905801985591, 0.403992960255733, 0.251412098239705, -0.018306777944153, 0.277837575558899, -0.110473910188767,
     0.0669280749146731, 0.128539358273528, -0.189114843888824, 0.133558376740387, -0.0210530534538215, 149.62]
 
-# %% ../nbs/06_serving.ipynb #17f3de6a
+# %% ../nbs/06_serving.ipynb #7f0702fd
 def single_threaded(model):
     "Set every `*n_jobs` parameter of `model` (an estimator or pipeline) to 1; return `model`."
     params = {k: 1 for k in model.get_params() if k.endswith('n_jobs')}
@@ -57,7 +59,7 @@ def _is_lgbm_default(model):
     est = steps[1][1]
     return type(est).__name__ == 'LGBMClassifier' and getattr(est, 'n_classes_', None) == 2 and hasattr(est, 'booster_')
 
-# %% ../nbs/06_serving.ipynb #0b63049b
+# %% ../nbs/06_serving.ipynb #b3cbf84c
 def _free_config(lib, handle, booster):
     "Free a LightGBM FastConfig handle (`booster` is passed only to keep it alive until then)."
     import ctypes
@@ -105,10 +107,10 @@ def fast_predictor(model):
         except Exception as e: log.warning('LightGBM fast path unavailable (%r): serving through predict_proba', e)
     return 'sklearn-pipeline', lambda rows: model.predict_proba(rows)[:, 1]
 
-# %% ../nbs/06_serving.ipynb #183aafd1
+# %% ../nbs/06_serving.ipynb #a4b6e4ed
 TOLERANCE = 1e-9  # largest |fast runtime - predict_proba| accepted on the smoke rows
 
-# %% ../nbs/06_serving.ipynb #b48c8fac
+# %% ../nbs/06_serving.ipynb #77661c3b
 log = logging.getLogger('fraud_mlops.serving')
 
 class ServingError(Exception):
@@ -127,7 +129,7 @@ class ServedModel:
 
 SMOKE_ROWS = np.array([[0.0] * 30, EXAMPLE_FEATURES, [172_792.0] + [-5.0] * 28 + [25_691.16], [86_400.0] + [3.0] * 28 + [0.0]])
 
-# %% ../nbs/06_serving.ipynb #5db7d386
+# %% ../nbs/06_serving.ipynb #57e0f0a2
 def prepare_model(model, manifest):
     "Check, single-thread, smoke-test and warm up `model`; return it with its manifest as one `ServedModel`."
     version = manifest.get('version')
@@ -151,21 +153,22 @@ def prepare_model(model, manifest):
     predict(SMOKE_ROWS[:1])  # warm the single-row path
     return ServedModel(model, manifest, version, threshold, predict, runtime, datetime.now(timezone.utc).isoformat(timespec='seconds'))
 
-# %% ../nbs/06_serving.ipynb #2e699fbb
+# %% ../nbs/06_serving.ipynb #978fffce
 LOAD_ERRORS = (StoreError, ServingError)  # what "cannot serve this" looks like; anything else is a bug
 
 def next_model(uri=None, current=None, seen_tag=None):
     "(new `ServedModel` or None, pointer tag): the store's champion unless its tag is `seen_tag` or its version is `current`."
     store = open_store(uri)
-    pointer, tag = read_champion(store)
+    pointer, tag = read_champion(store, unless=seen_tag)  # on S3 a conditional GET: an unchanged pointer is a bodiless 304
+    if tag is not None and tag == seen_tag: return None, tag
     if pointer is None: raise NoChampion(f"store {store.uri} has no champion yet: train a model and promote it")
-    if tag == seen_tag or pointer['version'] == current: return None, tag
+    if pointer['version'] == current: return None, tag
     try: return prepare_model(*load_champion(store, pointer)), tag   # the version the tag belongs to, no second read
     except LOAD_ERRORS as e:
         e.tag = tag  # what the caller should not try again until the pointer changes
         raise
 
-# %% ../nbs/06_serving.ipynb #8b7a8e13
+# %% ../nbs/06_serving.ipynb #c82cd0af
 Number = Annotated[float, Strict(), AllowInfNan(False)]  # a JSON number (int or float), finite
 Row = Annotated[list[Number], Field(min_length=len(FEATURES), max_length=len(FEATURES),
                                     description='Time, V1..V28, Amount, in that order')]
@@ -180,7 +183,7 @@ class Batch(BaseModel):
     model_config = ConfigDict(json_schema_extra={'examples': [{'instances': [EXAMPLE_FEATURES, EXAMPLE_FEATURES]}]})
     instances: Annotated[list[Row], Field(min_length=1, description='one row of 30 numbers per transaction')]
 
-# %% ../nbs/06_serving.ipynb #a9af04f7
+# %% ../nbs/06_serving.ipynb #068bcdd9
 Label = Literal['legit', 'fraud']
 
 class Scored(BaseModel):
@@ -222,7 +225,7 @@ class Error(BaseModel):
     "Every error answer: one sentence saying what went wrong."
     detail: str
 
-# %% ../nbs/06_serving.ipynb #95f86cef
+# %% ../nbs/06_serving.ipynb #e80ed614
 ROW_TEXT = f'exactly {len(FEATURES)} numbers ({FEATURES[0]}, {FEATURES[1]}..{FEATURES[-2]}, {FEATURES[-1]})'
 
 def _where(loc):
@@ -265,7 +268,7 @@ def explain_errors(errors, limit=3):
     more = f'; and {len(msgs) - limit} more problems' if len(msgs) > limit else ''
     return '; '.join(msgs[:limit]) + more
 
-# %% ../nbs/06_serving.ipynb #27b0a8cf
+# %% ../nbs/06_serving.ipynb #f218b701
 class BadRequest(Exception):
     "A request refused with `status` (422 or 413) and a one-sentence `detail`."
     def __init__(self, detail, status=422): super().__init__(detail); self.detail, self.status = detail, status
@@ -293,10 +296,24 @@ def _slow_rows(body, single, max_rows):
     if not np.isfinite(rows).all(): raise BadRequest(f"{'features' if single else 'instances'} must hold finite numbers")
     return rows
 
+def simd_batch(body):
+    "Float64 rows of a body that is exactly `{\"instances\": [rows of 30 finite numbers]}`, through simdjson; else None."
+    try:
+        doc = simdjson.Parser().parse(body)
+        rows = doc['instances'] if type(doc) is simdjson.Object and len(doc) == 1 else None
+        if type(rows) is not simdjson.Array or not len(rows) or body.count(b'[') != len(rows) + 1: return None
+        if not all(len(r) == len(FEATURES) for r in rows): return None
+        a = np.frombuffer(rows.as_buffer(of_type='d'), np.float64)
+    except (ValueError, TypeError, KeyError): return None  # invalid JSON, a non-number, no such key: the other paths say which
+    return a.reshape(-1, len(FEATURES)) if a.size == len(rows) * len(FEATURES) and np.isfinite(a).all() else None
+
 def parse_rows(body, content_type=None, single=True, max_rows=1):
     "Float64 (n, 30) array of the rows in JSON `body` (`features` if `single`, else `instances`); `BadRequest` if invalid."
     if not is_json_type(content_type): raise BadRequest('request body must be JSON, sent with Content-Type: application/json')
     if not body: raise BadRequest('request body is empty: send a JSON object')
+    if not single and (a := simd_batch(body)) is not None:
+        if len(a) > max_rows: raise _too_many(len(a), max_rows)
+        return a
     if b'true' not in body and b'false' not in body:
         try: data = orjson.loads(body)
         except orjson.JSONDecodeError: data = None
@@ -310,7 +327,7 @@ def parse_rows(body, content_type=None, single=True, max_rows=1):
                 if np.isfinite(a).all(): return a.reshape(-1, len(FEATURES))
     return _slow_rows(body, single, max_rows)
 
-# %% ../nbs/06_serving.ipynb #3a02a168
+# %% ../nbs/06_serving.ipynb #d6129291
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PROBABILITY_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
@@ -368,7 +385,7 @@ class ServingMetrics:
         yield info
         if s: yield GaugeMetricFamily('fraud_mlops_model_threshold', 'Decision threshold of the served model.', value=s.threshold)
 
-# %% ../nbs/06_serving.ipynb #c0967527
+# %% ../nbs/06_serving.ipynb #d9c4dcc7
 class AccessLog:
     "JSON lines buffered in memory and written to `stream` (a binary file) every `every` seconds or `lines` lines."
     def __init__(self, stream=None, every=0.05, lines=512):
@@ -391,7 +408,7 @@ class AccessLog:
         try: stream.write(data); stream.flush()
         except Exception: pass  # a closed or missing stdout must not break serving
 
-# %% ../nbs/06_serving.ipynb #e4e7fd5e
+# %% ../nbs/06_serving.ipynb #a6c897d9
 DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY, SINGLE_MAX_BODY, DEFAULT_POLL_SECONDS = 100_000, 64 << 20, 64 << 10, 10.0
 
 def env_number(name, default, kind=int, zero=False):
@@ -440,7 +457,7 @@ class ServingState:
                  AccessLog() if _flag('FRAUD_MLOPS_ACCESS_LOG', '1') else None, _flag('FRAUD_MLOPS_LOG_FEATURES', '0'))
         return st
 
-# %% ../nbs/06_serving.ipynb #7e9c4303
+# %% ../nbs/06_serving.ipynb #45a93411
 PERMANENT = (IntegrityError, ServingError)  # a bad bundle: not worth fetching again until the pointer changes
 
 async def refresh(st, force=False):
@@ -465,7 +482,7 @@ async def refresh(st, force=False):
         log.info('fraud-mlops now serves version %s (%s runtime; was %s)', new.version, new.runtime, old_version)
         return True, old_version
 
-# %% ../nbs/06_serving.ipynb #6e9c9f7d
+# %% ../nbs/06_serving.ipynb #bc83d7de
 async def poll_champion(st):
     "Forever: check the champion pointer of `st.store` every `st.poll` seconds (backing off from 0.5 s while not ready)."
     delay = min(0.5, st.poll)
@@ -478,7 +495,7 @@ async def poll_champion(st):
         except Exception: log.exception('champion check crashed')
         delay = min(delay * 2, st.poll) if st.served is None else min(0.5, st.poll)
 
-# %% ../nbs/06_serving.ipynb #417f0937
+# %% ../nbs/06_serving.ipynb #c7dba999
 state = ServingState(store_uri())  # this worker's state: one object, reset when the app starts
 
 def pin_threads():
@@ -506,7 +523,7 @@ async def lifespan(app):
 app = FastAPI(title='fraud-mlops', version=__version__, lifespan=lifespan,
               description='Credit-card fraud scores from the champion model of the registry.')
 
-# %% ../nbs/06_serving.ipynb #968f7a2e
+# %% ../nbs/06_serving.ipynb #6cc5def5
 _ROUTES = frozenset(('/', '/health/live', '/health/ready', '/predict', '/predict/batch', '/reload', '/model', '/metrics',
                      '/docs', '/openapi.json'))
 
@@ -542,7 +559,7 @@ def observe(asgi):
 
 app.add_middleware(observe)
 
-# %% ../nbs/06_serving.ipynb #80ea4d09
+# %% ../nbs/06_serving.ipynb #3b526d06
 _ERRORS = {422: {'model': Error, 'description': 'Invalid input; the detail says what is wrong'},
            413: {'model': Error, 'description': 'Body or batch over the limit'},
            503: {'model': Error, 'description': 'No model loaded; the detail says why'}}
@@ -558,7 +575,7 @@ def served():
     if s is None: raise HTTPException(503, f'no model loaded: {state.reason}')
     return s
 
-# %% ../nbs/06_serving.ipynb #3a64ead8
+# %% ../nbs/06_serving.ipynb #eac2e72d
 @app.get('/', response_model=Status)
 async def status():
     "What this worker serves, from which store, or why it is not ready."
@@ -588,7 +605,7 @@ async def metrics():
     from prometheus_client import generate_latest
     return Response(generate_latest(state.registry), media_type='text/plain; version=0.0.4; charset=utf-8')
 
-# %% ../nbs/06_serving.ipynb #5baf7df8
+# %% ../nbs/06_serving.ipynb #38311dd8
 _LABELS = ('legit', 'fraud')
 INLINE_ROWS = 64  # batches up to this size score on the event loop
 
@@ -638,7 +655,7 @@ async def predict_batch(request: Request):
     return _json({'model_version': s.version,
                   'predictions': [{'prediction': _LABELS[f], 'fraud_probability': q} for q, f in zip(p.tolist(), flags.tolist())]})
 
-# %% ../nbs/06_serving.ipynb #9eea4ef8
+# %% ../nbs/06_serving.ipynb #a20c0683
 def openapi():
     "The OpenAPI schema, with the `Transaction` and `Batch` body models that the scoring endpoints document."
     if app.openapi_schema is None:
@@ -650,7 +667,7 @@ def openapi():
 
 app.openapi = openapi
 
-# %% ../nbs/06_serving.ipynb #1f615efd
+# %% ../nbs/06_serving.ipynb #c24c80cf
 _bearer = HTTPBearer(auto_error=False, description='FRAUD_MLOPS_ADMIN_TOKEN')
 
 async def require_admin(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]):
@@ -661,7 +678,7 @@ async def require_admin(credentials: Annotated[HTTPAuthorizationCredentials | No
         raise HTTPException(401, 'missing or wrong admin token (send Authorization: Bearer <token>)',
                             headers={'WWW-Authenticate': 'Bearer'})
 
-# %% ../nbs/06_serving.ipynb #bed46e5f
+# %% ../nbs/06_serving.ipynb #4d237c97
 @app.post('/reload', response_model=Reloaded, dependencies=[Depends(require_admin)],
           responses={401: {'model': Error}, 403: {'model': Error}, 503: _ERRORS[503]})
 async def reload():
@@ -674,7 +691,7 @@ async def reload():
         raise HTTPException(503, f'reload failed, still serving version {s.version}: {e}') from None
     return {'reloaded': reloaded, 'model_version': state.served.version, 'previous_version': old_version}
 
-# %% ../nbs/06_serving.ipynb #64e2983f
+# %% ../nbs/06_serving.ipynb #311cb090
 def serve(host='127.0.0.1', port=8000, workers=1):
     "Run the API with uvicorn on `host`:`port` with `workers` processes."
     import uvicorn

@@ -330,6 +330,24 @@ def test_one_promotion_makes_eleven_requests(s3_uri, parts, weak, good):
     print(f'one promotion against the moto server: {len(log)} requests, {seconds * 1000:.0f} ms')
 
 
+def test_an_unchanged_pointer_costs_a_bodiless_304_and_a_moved_one_is_read(s3_uri, parts, weak, good):
+    "What a serving worker's poll asks S3: a conditional GET; unchanged gives no body, a promotion gives the new pointer."
+    from fraud_mlops.serving import next_model
+    store = open_store(s3_uri, create=True)
+    first = bundle(store, weak, parts); promote(store, notify=False)
+    served, tag = next_model(s3_uri)
+    assert served.version == first
+    log = request_log(store)
+    assert read_champion(store, unless=tag) == (None, tag)                      # unchanged: the 304, no pointer
+    assert log == [('GetObject', 'champion.json', {'IfNoneMatch': tag})]
+    assert next_model(s3_uri, first, tag) == (None, tag)
+    bundle(store, good, parts); promote(store, notify=False)
+    pointer, new_tag = read_champion(store, unless=tag)
+    assert new_tag != tag and pointer['previous'] == first                      # moved: read in the same request
+    served, seen = next_model(s3_uri, first, tag)
+    assert served.version == pointer['version'] and seen == new_tag
+
+
 def test_train_with_papermill_into_s3_then_promote_serve_reload_and_roll_back(s3_uri, parts, weak, tmp_path):
     store = open_store(s3_uri, create=True)
     first = bundle(store, weak, parts)
