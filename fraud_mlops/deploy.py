@@ -154,8 +154,9 @@ def wait_stable(ecs, cluster, service, arn, timeout=900, poll=15):
         ecs.get_waiter('services_stable').wait(cluster=cluster, services=[service],
                                                WaiterConfig={'Delay': poll, 'MaxAttempts': max(1, math.ceil(timeout / poll))})
     except WaiterError as e:
-        raise DeployError(f"service {service} on cluster {cluster} was not stable on {arn} within {timeout:g} s ({e.last_response.get('failures') or 'tasks still starting or failing'}); "
-                          f"see: aws ecs describe-services --cluster {cluster} --services {service}") from None
+        raise DeployError(f"service {service} on cluster {cluster} was not stable on {arn} within {timeout:g} s "
+                          f"({e.kwargs.get('reason')}); see its events: aws ecs describe-services --cluster {cluster} "
+                          f"--services {service}") from None
     return check_rollout(find_service(ecs, cluster, service), arn)
 
 # %% ../nbs/09_deploy.ipynb #62196f07
