@@ -135,7 +135,9 @@ def test_image_cmd_serves_a_prediction_answers_its_healthcheck_and_stops_on_sigt
     python = str(inference_venv/'bin'/'python')
     proc, url, env = run_image(inference_venv, final, store.root, tmp_path, WEB_CONCURRENCY='2')
     try:
-        wait_ready(url, proc)
+        try: wait_ready(url, proc)
+        except AssertionError as e:                        # say why: a missing requirement shows in the log
+            proc.kill(); raise AssertionError(f'{e}; the server said:\n{proc.communicate()[1][-4000:]}') from None
         assert len(workers(proc.pid)) == 2           # WEB_CONCURRENCY sets the worker processes
         answer = httpx.post(f'{url}/predict', json=EXAMPLE, timeout=10).json()
         assert answer['prediction'] == 'legit' and answer['model_version'] == version
