@@ -2,7 +2,7 @@
 both Dockerfiles, cfn-lint on the CloudFormation template, all installed from PyPI by `make install`; each linter is
 also shown a known-bad file, so a linter that silently checks nothing fails here. Then the contracts between the
 files: the same health check, port and shutdown budget in image, task definition and load balancer."""
-import json, re, subprocess, sys
+import json, os, re, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ def lint(tool, *args):
     exe = BIN/tool
     assert exe.exists(), f'{tool} is missing: `make install` installs it (settings.ini dev_requirements)'
     r = subprocess.run([exe, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-                       env={'PATH': f'{BIN}:/usr/bin:/bin', 'NO_COLOR': '1', 'HOME': str(ROOT)})
+                       env={**os.environ, 'PATH': f"{BIN}:{os.environ['PATH']}", 'NO_COLOR': '1'})
     return r.returncode, (r.stdout + r.stderr).strip()
 
 
