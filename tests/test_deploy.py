@@ -44,12 +44,25 @@ def create_or_update(cfn, stack, **parameters):
     return {o['OutputKey']: o['OutputValue'] for o in s['Outputs']}
 
 
+def push(ecr, image):
+    "Put a manifest for `image` (REPOSITORY_URI:TAG) into moto's ECR, as the workflow's `docker push` does."
+    repo, tag = image.split('/', 1)[1].rsplit(':', 1)
+    ecr.put_image(repositoryName=repo, imageManifest='{"schemaVersion": 2}', imageTag=tag,
+                  imageManifestMediaType='application/vnd.oci.image.manifest.v1+json')
+
+
 @pytest.mark.filterwarnings("ignore:Tried to parse AWS::")   # moto skips three resource types; see create_or_update
 def test_from_an_empty_account_to_a_deployed_api(moto_aws):
-    cfn, ecs = boto3.client('cloudformation'), boto3.client('ecs')
+    cfn, ecs, ecr = boto3.client('cloudformation'), boto3.client('ecs'), boto3.client('ecr')
     outputs = create_or_update(cfn, 'fraud-mlops')
     assert 'ApiServiceName' not in outputs and ecs.list_services(cluster=outputs['ClusterName'])['serviceArns'] == []
     image = f"{outputs['ApiRepositoryUri']}:{'a' * 40}"
+
+    # an image that was never pushed is refused before anything is registered
+    with pytest.raises(DeployError, match=f'image {image} is not in ECR: push it first'):
+        deploy(TASK_DEFINITION, image, stack='fraud-mlops', log=lambda m: None)
+    assert ecs.list_task_definitions(familyPrefix='fraud-mlops-api')['taskDefinitionArns'] == []
+    push(ecr, image)
 
     # first push: the revision is registered, and the command stops with what to run next
     with pytest.raises(DeployError) as e:
@@ -62,6 +75,7 @@ def test_from_an_empty_account_to_a_deployed_api(moto_aws):
     outputs = create_or_update(cfn, 'fraud-mlops', ApiTaskDefinition=first)
     assert find_service(ecs, outputs['ClusterName'], outputs['ApiServiceName'])['taskDefinition'] == first
     image2 = f"{outputs['ApiRepositoryUri']}:{'b' * 40}"
+    push(ecr, image2)
     arn = deploy(TASK_DEFINITION, image2, stack='fraud-mlops', wait=False, log=lambda m: None)
     assert arn.endswith('task-definition/fraud-mlops-api:2')
     service = find_service(ecs, 'fraud-mlops', 'fraud-mlops-api')
@@ -125,12 +139,15 @@ def test_deploy_errors_name_the_problem_and_register_nothing(ecs_service, tmp_pa
         (['--cluster', ecs_service], 'no service: pass --service, or --stack'),
         (['--cluster', ecs_service, '--service', 'api', '--env', 'NOEQUALS'], "--env 'NOEQUALS': write NAME=VALUE"),
     ]
+    ecr_image = ['--image', '123456789012.dkr.ecr.us-east-1.amazonaws.com/no-such-repo:1']
+    cases.append((['--cluster', ecs_service, '--service', 'api', *ecr_image],
+                  'ECR repository no-such-repo not found in account 123456789012, region us-east-1'))
     bad_json = tmp_path/'broken.json'
     bad_json.write_text(TASK_DEFINITION.read_text().replace('"cpu": "256",', '"cpu": "256"'))
     cases.append((['--cluster', ecs_service, '--service', 'api', '--task-definition', bad_json],
                   'broken.json is not valid JSON: Expecting'))
     for args, message in cases:
-        r = cli(*image, *args)
+        r = cli(*image, *args)   # a later --image wins
         assert (r.returncode, r.stdout) == (2, ''), (args, r.stderr)
         assert message in r.stderr and 'Traceback' not in r.stderr, (args, r.stderr)
     assert ecs.list_task_definitions()['taskDefinitionArns'] == before
