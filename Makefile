@@ -8,7 +8,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 export FRAUD_MLOPS_STORE ?= registry
 
-.PHONY: install data train promote serve run test lab bench clean
+.PHONY: install data train promote serve run test lint lab bench clean
 
 $(STAMP): setup.py settings.ini
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,11 @@ test: install ## notebook tests (nbdev_test) and integration tests (pytest)
 	FRAUD_MLOPS_STORE=$$(mktemp -d) $(BIN)/nbdev_test --n_workers 2
 	$(BIN)/pytest -q tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here"; exit 1; fi; exit $$rc
+
+lint: install ## actionlint (with shellcheck), hadolint and cfn-lint on the workflow, Dockerfiles and stack (also run by make test)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/actionlint .github/workflows/ci-cd.yml
+	$(BIN)/hadolint --failure-threshold info Dockerfile-inference Dockerfile-training
+	$(BIN)/cfn-lint .aws/cloudformation.yml --include-checks I
 
 bench: install ## load-test the API on 127.0.0.1 against the seed's way of serving and a no-model ceiling (needs wrk)
 	$(BIN)/python bench/serve_bench.py

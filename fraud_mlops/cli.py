@@ -10,6 +10,7 @@ import argparse, json, os, re, sys, time
 from pathlib import Path
 
 from .data import FULL_DATA, DataError, fetch_dataset, project_root, resolve_path
+from .deploy import DeployError, deploy_arguments, run_deploy
 from .registry import (ConflictError, IntegrityError, StoreError, list_decisions, model_statuses, open_store,
                                   store_uri)
 
@@ -111,6 +112,8 @@ def _parser():
     m.add_argument('--history', action='store_true', help='show the decision log (promotions, rejections, rollbacks) instead')
     m.add_argument('--json', action='store_true', help='machine-readable output')
 
+    deploy_arguments(sub.add_parser('deploy', help='roll the API out on ECS: register its task definition with an image, update the service, wait'))
+
     s = sub.add_parser('serve', parents=[store], help='serve the champion over HTTP (uvicorn)')
     s.add_argument('--host', default='127.0.0.1'); s.add_argument('--port', type=int, default=8000)
     s.add_argument('--workers', type=int, default=1)
@@ -135,6 +138,7 @@ def _summary(d):
 def run(args):
     "Carry out parsed `args`."
     if args.command == 'fetch-data': print(fetch_dataset(args.dest, force=args.force)); return
+    if args.command == 'deploy': return run_deploy(args)
     if args.command == 'serve':
         from fraud_mlops.serving import serve
         if args.store: os.environ['FRAUD_MLOPS_STORE'] = args.store
@@ -165,7 +169,7 @@ def main(argv=None):
     try: run(args)
     except ConflictError as e: _fail(e, 3)
     except IntegrityError as e: _fail(e, 4)
-    except (DataError, StoreError) as e: _fail(e, 2)
+    except (DataError, StoreError, DeployError) as e: _fail(e, 2)
 
 def _fail(e, code):
     print(f'error: {e}', file=sys.stderr); sys.exit(code)

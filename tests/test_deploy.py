@@ -1,0 +1,174 @@
+"""`fraud-mlops deploy` against moto: the README's path from an empty account (the CloudFormation stack of
+.aws/cloudformation.yml, the first deployment, the service, the next deployment), and the command's failures
+as a user meets them, over HTTP against a moto server."""
+import json, os, subprocess, sys, uuid
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+from fraud_mlops.deploy import DeployError, container, deploy, find_service, load_task_definition
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TEMPLATE = ROOT/'.aws'/'cloudformation.yml'
+TASK_DEFINITION = ROOT/'.aws'/'task-definition.json'
+
+
+@pytest.fixture
+def moto_aws(aws_env):
+    "moto's in-process AWS (no network) in region eu-west-1."
+    from moto import mock_aws
+    aws_env(AWS_DEFAULT_REGION='eu-west-1')
+    with mock_aws(): yield
+
+
+def create_or_update(cfn, stack, **parameters):
+    "Create stack `stack` from the committed template (update it if it exists); return its outputs."
+    body = TEMPLATE.read_text()
+    # moto's CloudFormation has no AWS::SecretsManager::Secret: it skips the resource and drops the output that
+    # refers to it, so the test makes the secret itself and puts its ARN into that one output.
+    sm = boto3.client('secretsmanager')
+    try: secret = sm.describe_secret(SecretId=f'{stack}/admin-token')['ARN']
+    except ClientError: secret = sm.create_secret(Name=f'{stack}/admin-token', SecretString='t')['ARN']
+    assert body.count('Value: !Ref AdminToken') == 1
+    body = body.replace('Value: !Ref AdminToken', f'Value: {secret}')
+    params = [{'ParameterKey': 'GitHubRepository', 'ParameterValue': 'someone/fraud-mlops'}] + \
+             [{'ParameterKey': k, 'ParameterValue': v} for k, v in parameters.items()]
+    kw = dict(StackName=stack, TemplateBody=body, Capabilities=['CAPABILITY_NAMED_IAM'], Parameters=params)
+    try: cfn.describe_stacks(StackName=stack); cfn.update_stack(**kw)
+    except ClientError: cfn.create_stack(**kw)
+    s = cfn.describe_stacks(StackName=stack)['Stacks'][0]
+    assert s['StackStatus'] in ('CREATE_COMPLETE', 'UPDATE_COMPLETE'), s.get('StackStatusReason')
+    return {o['OutputKey']: o['OutputValue'] for o in s['Outputs']}
+
+
+def push(ecr, image):
+    "Put a manifest for `image` (REPOSITORY_URI:TAG) into moto's ECR, as the workflow's `docker push` does."
+    repo, tag = image.split('/', 1)[1].rsplit(':', 1)
+    ecr.put_image(repositoryName=repo, imageManifest='{"schemaVersion": 2}', imageTag=tag,
+                  imageManifestMediaType='application/vnd.oci.image.manifest.v1+json')
+
+
+@pytest.mark.filterwarnings("ignore:Tried to parse AWS::")   # moto skips three resource types; see create_or_update
+def test_from_an_empty_account_to_a_deployed_api(moto_aws):
+    cfn, ecs, ecr = boto3.client('cloudformation'), boto3.client('ecs'), boto3.client('ecr')
+    outputs = create_or_update(cfn, 'fraud-mlops')
+    assert 'ApiServiceName' not in outputs and ecs.list_services(cluster=outputs['ClusterName'])['serviceArns'] == []
+    image = f"{outputs['ApiRepositoryUri']}:{'a' * 40}"
+
+    # an image that was never pushed is refused before anything is registered
+    with pytest.raises(DeployError, match=f'image {image} is not in ECR: push it first'):
+        deploy(TASK_DEFINITION, image, stack='fraud-mlops', log=lambda m: None)
+    assert ecs.list_task_definitions(familyPrefix='fraud-mlops-api')['taskDefinitionArns'] == []
+    push(ecr, image)
+
+    # first push: the revision is registered, and the command stops with what to run next
+    with pytest.raises(DeployError) as e:
+        deploy(TASK_DEFINITION, image, stack='fraud-mlops', log=lambda m: None)
+    first = 'arn:aws:ecs:eu-west-1:123456789012:task-definition/fraud-mlops-api:1'
+    assert f'stack fraud-mlops has no API service yet (first deployment): registered {first}' in str(e.value)
+    assert f'--parameter-overrides ApiTaskDefinition={first}' in str(e.value)
+
+    # the stack, given that revision, creates the service; every later push deploys to it
+    outputs = create_or_update(cfn, 'fraud-mlops', ApiTaskDefinition=first)
+    assert find_service(ecs, outputs['ClusterName'], outputs['ApiServiceName'])['taskDefinition'] == first
+    image2 = f"{outputs['ApiRepositoryUri']}:{'b' * 40}"
+    push(ecr, image2)
+    arn = deploy(TASK_DEFINITION, image2, stack='fraud-mlops', wait=False, log=lambda m: None)
+    assert arn.endswith('task-definition/fraud-mlops-api:2')
+    service = find_service(ecs, 'fraud-mlops', 'fraud-mlops-api')
+    assert service['taskDefinition'] == arn
+
+    td = ecs.describe_task_definition(taskDefinition=arn)['taskDefinition']
+    api = container(td, 'api')
+    assert api['image'] == image2
+    assert (td['executionRoleArn'], td['taskRoleArn']) == (outputs['TaskExecutionRoleArn'], outputs['ApiTaskRoleArn'])
+    env = {e['name']: e['value'] for e in api['environment']}
+    assert env['FRAUD_MLOPS_STORE'] == outputs['ModelStoreUri'] and env['FRAUD_MLOPS_STORE'].startswith('s3://')
+    assert api['secrets'] == [{'name': 'FRAUD_MLOPS_ADMIN_TOKEN', 'valueFrom': outputs['AdminTokenSecretArn']}]
+    options = api['logConfiguration']['options']
+    assert (options['awslogs-group'], options['awslogs-region']) == (outputs['ApiLogGroup'], 'eu-west-1')
+    assert '123456789012:role/fraud-mlops' in td['taskRoleArn']   # moto's account, not a value from the file
+    committed = load_task_definition(TASK_DEFINITION)
+    assert (td['cpu'], td['memory'], api['healthCheck']) == (committed['cpu'], committed['memory'],
+                                                             container(committed, 'api')['healthCheck'])
+
+
+# --- the command, over HTTP against a moto server, as the workflow runs it
+
+@pytest.fixture
+def ecs_service(moto_server, aws_env):
+    "A fresh cluster with service `api` on the moto server; the environment points there. Returns the cluster name."
+    aws_env(AWS_ENDPOINT_URL=moto_server, AWS_ACCESS_KEY_ID='testing', AWS_SECRET_ACCESS_KEY='testing', AWS_MAX_ATTEMPTS='2')
+    cluster = f'fraud-{uuid.uuid4().hex[:8]}'
+    ecs = boto3.client('ecs')
+    ecs.create_cluster(clusterName=cluster)
+    first = ecs.register_task_definition(**load_task_definition(TASK_DEFINITION))['taskDefinition']['taskDefinitionArn']
+    ecs.create_service(cluster=cluster, serviceName='api', taskDefinition=first, desiredCount=2, launchType='FARGATE')
+    return cluster
+
+
+def cli(*args):
+    return subprocess.run([BIN/'fraud-mlops', 'deploy', *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_deploy_prints_the_new_revision_and_the_service_runs_it(ecs_service):
+    r = cli('--cluster', ecs_service, '--service', 'api', '--image', 'registry.example/api:c0ffee', '--no-wait',
+            '--env', 'FRAUD_MLOPS_POLL_SECONDS=30')
+    assert r.returncode == 0, r.stderr
+    arn = r.stdout.strip()
+    assert arn.startswith('arn:aws:ecs:') and f'registered {arn}' in r.stderr
+    ecs = boto3.client('ecs')
+    assert ecs.describe_services(cluster=ecs_service, services=['api'])['services'][0]['taskDefinition'] == arn
+    api = container(ecs.describe_task_definition(taskDefinition=arn)['taskDefinition'], 'api')
+    assert api['image'] == 'registry.example/api:c0ffee'
+    assert {'name': 'FRAUD_MLOPS_POLL_SECONDS', 'value': '30'} in api['environment']
+
+
+def test_deploy_errors_name_the_problem_and_register_nothing(ecs_service, tmp_path):
+    ecs = boto3.client('ecs')
+    before = ecs.list_task_definitions()['taskDefinitionArns']
+    image = ['--image', 'registry.example/api:1']
+    cases = [
+        (['--cluster', 'no-such-cluster', '--service', 'api'], 'cluster no-such-cluster not found in region us-east-1'),
+        (['--cluster', ecs_service, '--service', 'apj'], f'service apj not found on cluster {ecs_service} (MISSING'),
+        (['--cluster', ecs_service, '--service', 'api', '--container', 'web'], "has no container 'web' (it has: api)"),
+        (['--stack', 'no-such-stack'], 'stack no-such-stack not found in region us-east-1'),
+        (['--cluster', ecs_service], 'no service: pass --service, or --stack'),
+        (['--cluster', ecs_service, '--service', 'api', '--env', 'NOEQUALS'], "--env 'NOEQUALS': write NAME=VALUE"),
+    ]
+    ecr_image = ['--image', '123456789012.dkr.ecr.us-east-1.amazonaws.com/no-such-repo:1']
+    cases.append((['--cluster', ecs_service, '--service', 'api', *ecr_image],
+                  'ECR repository no-such-repo not found in account 123456789012, region us-east-1'))
+    bad_json = tmp_path/'broken.json'
+    bad_json.write_text(TASK_DEFINITION.read_text().replace('"cpu": "256",', '"cpu": "256"'))
+    cases.append((['--cluster', ecs_service, '--service', 'api', '--task-definition', bad_json],
+                  'broken.json is not valid JSON: Expecting'))
+    for args, message in cases:
+        r = cli(*image, *args)   # a later --image wins
+        assert (r.returncode, r.stdout) == (2, ''), (args, r.stderr)
+        assert message in r.stderr and 'Traceback' not in r.stderr, (args, r.stderr)
+    assert ecs.list_task_definitions()['taskDefinitionArns'] == before
+
+
+def test_deploy_rejected_by_ecs_and_unstable_service_fail_clearly(ecs_service, tmp_path):
+    wrong_type = tmp_path/'td.json'
+    wrong_type.write_text(TASK_DEFINITION.read_text().replace('"cpu": "256"', '"cpu": 256'))
+    r = cli('--cluster', ecs_service, '--service', 'api', '--image', 'img:1', '--task-definition', wrong_type)
+    assert r.returncode == 2 and 'registering task definition fraud-mlops-api: Parameter validation failed' in r.stderr
+    assert 'Invalid type for parameter cpu' in r.stderr
+    # moto starts no tasks, so the service never becomes stable: the wait gives up with the service named
+    r = cli('--cluster', ecs_service, '--service', 'api', '--image', 'img:2', '--timeout', '2', '--poll', '1')
+    assert r.returncode == 2 and f'service api on cluster {ecs_service} was not stable on arn:aws:ecs:' in r.stderr
+    assert f'aws ecs describe-services --cluster {ecs_service} --services api' in r.stderr
+
+
+def test_dry_run_prints_the_rendered_task_definition_and_touches_nothing(aws_env):
+    aws_env(AWS_ENDPOINT_URL='http://127.0.0.1:9')   # nothing listens there: a dry run must not call AWS
+    r = cli('--image', 'registry.example/api:d1', '--dry-run', '--env', 'WEB_CONCURRENCY=2')
+    assert r.returncode == 0, r.stderr
+    td = json.loads(r.stdout)
+    assert container(td, 'api')['image'] == 'registry.example/api:d1'
+    assert {'name': 'WEB_CONCURRENCY', 'value': '2'} in container(td, 'api')['environment']
