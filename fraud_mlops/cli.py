@@ -111,10 +111,33 @@ def _parser():
     m.add_argument('--history', action='store_true', help='show the decision log (promotions, rejections, rollbacks) instead')
     m.add_argument('--json', action='store_true', help='machine-readable output')
 
+    _score_parser(sub, store)
     s = sub.add_parser('serve', parents=[store], help='serve the champion over HTTP (uvicorn)')
     s.add_argument('--host', default='127.0.0.1'); s.add_argument('--port', type=int, default=8000)
     s.add_argument('--workers', type=int, default=1)
     return p
+
+# %% ../nbs/07_cli.ipynb #783d1ed7
+def _score_parser(sub, store):
+    "The `score` subcommand's arguments."
+    sc = sub.add_parser('score', parents=[store], help='score a CSV or Parquet file (local or s3://) with the champion')
+    sc.add_argument('input', metavar='INPUT', help='transactions to score: .csv or .parquet, a path or s3://bucket/key')
+    sc.add_argument('output', metavar='OUTPUT', help='where the answers go: .csv or .parquet, a path or s3://bucket/key')
+    sc.add_argument('--version', help='model version to score with (default: the champion)')
+    sc.add_argument('--on-error', choices=['skip', 'fail'], default='skip',
+                    help='bad rows: skip them and list them (default), or fail and write nothing')
+    sc.add_argument('--engine', choices=['local', 'dask'], default='local', help='this process (default) or a Dask cluster')
+    sc.add_argument('--scheduler', help='Dask scheduler address (default: start a local cluster); implies --engine dask')
+    sc.add_argument('--chunk-rows', type=int, help='rows per chunk (default $FRAUD_MLOPS_CHUNK_ROWS or 250000)')
+    sc.add_argument('--id-column', default='id', help='column copied to the output when present (default id)')
+
+def _score(args):
+    "Run `score` and print one line about it."
+    from fraud_mlops.scoring import score_file
+    r = score_file(args.input, args.output, args.store, args.version, args.on_error, args.chunk_rows, args.id_column,
+                   'dask' if args.scheduler else args.engine, args.scheduler, progress=sys.stderr.isatty())
+    print(f"scored {r['scored']:,} of {r['rows']:,} rows with model {r['model_version']} ({r['engine']}, {r['seconds']:.1f} s): "
+          f"{r['output']}" + (f"; {r['bad_rows']:,} bad rows listed in {r['bad_rows_file']}" if r['bad_rows'] else ''))
 
 # %% ../nbs/07_cli.ipynb #e01dbe43
 def _summary(d):
@@ -140,6 +163,7 @@ def run(args):
         if args.store: os.environ['FRAUD_MLOPS_STORE'] = args.store
         open_store()  # fail now, clearly, on a store path typo
         return serve(args.host, args.port, args.workers)
+    if args.command == 'score': return _score(args)
     if args.command == 'train':
         version, output = run_training(args.data, args.store, args.output, args.param)
         print(f'candidate {version} (report: {output}); next: fraud-mlops promote' + (f' --store {args.store}' if args.store else ''))

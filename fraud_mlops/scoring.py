@@ -250,7 +250,7 @@ def _total_rows(path):
 def _as_given(uri): yield uri
 
 def score_file(input, output, store=None, version=None, on_error='skip', rows=None, id_column=ID_COLUMN,
-               engine='local', scheduler=None, progress=True, log=sys.stderr):
+               engine='local', scheduler=None, progress=True, quiet=False):
     "Score CSV/Parquet `input` (local or s3://) into `output` with the champion (or `version`); return a summary."
     from tqdm.auto import tqdm
     if on_error not in ('skip', 'fail'): raise DataError(f"on_error must be 'skip' or 'fail', not {on_error!r}")
@@ -265,7 +265,7 @@ def score_file(input, output, store=None, version=None, on_error='skip', rows=No
             chunks = (local_engine(path, served, rows, id_column, where) if engine == 'local' else
                       dask_engine(path, served, rows, id_column, where, scheduler))
             with tqdm(total=_total_rows(path) if engine == 'local' and fmt == 'parquet' else None, unit='rows',
-                      unit_scale=True, desc=f'score {Path(where).name}', disable=not progress, file=log) as bar:
+                      unit_scale=True, desc=f'score {Path(where).name}', disable=not progress, file=sys.stderr) as bar:
                 for out, reasons, n in chunks:
                     if reasons:
                         found = {seen + i + 1: why for i, why in reasons.items()}
@@ -279,7 +279,7 @@ def score_file(input, output, store=None, version=None, on_error='skip', rows=No
         publish(tmp, output)
     finally:
         writer.close(); Path(tmp).unlink(missing_ok=True)
-    if bad and log: print(f"{len(bad)} bad row(s) skipped ({describe_bad_rows(bad)}); all listed in {sidecar(output)}", file=log)
+    if bad and not quiet: print(f"{len(bad)} bad row(s) skipped ({describe_bad_rows(bad)}); all listed in {sidecar(output)}", file=sys.stderr)
     return {'input': where, 'output': str(output), 'rows': seen, 'scored': seen - len(bad), 'bad_rows': len(bad),
             'bad_rows_file': sidecar(output) if bad else None, 'model_version': served.version, 'runtime': served.runtime,
             'engine': engine, 'seconds': round(time.perf_counter() - start, 3)}
