@@ -312,22 +312,40 @@ def s3_filesystem():
     scheme, _, host = (s3_endpoint() or '').partition('://')
     return S3FileSystem(endpoint_override=host, scheme=scheme) if host else S3FileSystem()
 
-def _dask_frame(path, rows, id_column, where):
-    "Lazy Dask frame of the input's id and feature columns, partitions of about `rows` rows."
+def _open_parquet(path):
+    "A `ParquetFile` of a local path, or of an `s3://` object through `s3_filesystem`."
+    return pq.ParquetFile(s3_filesystem().open_input_file(str(path)[5:]) if is_s3(path) else str(path))
+
+def _read_row_groups(piece):
+    "Pandas frame of row groups `groups` (columns `columns`) of the Parquet file at `path`: one partition, read on a worker."
+    path, groups, columns = piece
+    return _open_parquet(path).read_row_groups(groups, columns=columns).to_pandas()
+
+def _parquet_partitions(path, rows, id_column, where):
+    "Lazy Dask frame of Parquet `path`: partitions of whole row groups, about `rows` rows each."
     import dask.dataframe as dd
-    if file_format(path) == 'parquet':
-        try: ddf = (dd.read_parquet(str(path)[5:], filesystem=s3_filesystem(), split_row_groups=True) if is_s3(path)
-                    else dd.read_parquet(str(path), split_row_groups=True))
-        except FileNotFoundError: raise DataError(f"{where}: no such file") from None
-        except (pa.ArrowInvalid, OSError) as e: raise DataError(f"{where}: not a readable Parquet file ({e})") from None
-    else:
-        if is_s3(path): raise DataError(f"{where}: the Dask engine reads s3:// input as Parquet; convert the CSV, "
-                                        "or score it with the local engine (which streams it through boto3)")
-        names = _csv_header(path, where); check_feature_columns(names, where)
-        ddf = dd.read_csv(str(path), blocksize=max(1 << 20, rows * 330), dtype={c: object for c in FEATURES},
-                          keep_default_na=False, usecols=[c for c in names if c in FEATURES or c == id_column])
-    check_feature_columns(list(ddf.columns), where)
-    return ddf[[c for c in ddf.columns if c in FEATURES or c == id_column]]
+    try: f = _open_parquet(path)
+    except FileNotFoundError: raise DataError(f"{where}: no such file") from None
+    except (pa.ArrowInvalid, OSError) as e: raise DataError(f"{where}: not a readable Parquet file ({e})") from None
+    names = f.schema_arrow.names; check_feature_columns(names, where)
+    columns = [c for c in names if c in FEATURES or c == id_column]
+    pieces, groups, n = [], [], 0
+    for i in range(f.metadata.num_row_groups):
+        groups.append(i); n += f.metadata.row_group(i).num_rows
+        if n >= rows: pieces.append((str(path), groups, columns)); groups, n = [], 0
+    if groups: pieces.append((str(path), groups, columns))
+    meta = f.schema_arrow.empty_table().select(columns).to_pandas()
+    return dd.from_map(_read_row_groups, pieces, meta=meta, enforce_metadata=False)
+
+def _dask_frame(path, rows, id_column, where):
+    "Lazy Dask frame of the input's id and feature columns, partitions of about `rows` rows, read by the workers."
+    import dask.dataframe as dd
+    if file_format(path) == 'parquet': return _parquet_partitions(path, rows, id_column, where)
+    if is_s3(path): raise DataError(f"{where}: the Dask engine reads s3:// input as Parquet; convert the CSV, "
+                                    "or score it with the local engine (which streams it through boto3)")
+    names = _csv_header(path, where); check_feature_columns(names, where)
+    return dd.read_csv(str(path), blocksize=max(1 << 20, rows * 330), dtype={c: object for c in FEATURES},
+                       keep_default_na=False, usecols=[c for c in names if c in FEATURES or c == id_column])
 
 def dask_client(scheduler=None):
     "A distributed `Client` of `scheduler`, or of a new LocalCluster of `FRAUD_MLOPS_DASK_WORKERS` (2) workers on 127.0.0.1."
