@@ -6,7 +6,7 @@
 __all__ = ['CHUNK_ROWS', 'ID_COLUMN', 'OUTPUT_COLUMNS', 'LABELS', 'chunk_rows', 'file_format', 'feature_matrix',
            'check_feature_columns', 'read_chunks', 'scoring_model', 'score_rows', 'answer_table', 'score_table',
            'is_s3', 'local_input', 'publish', 'temporary_output', 'AnswerWriter', 'BadRows', 'describe_bad_rows',
-           'sidecar', 'local_engine', 'score_file', 's3_filesystem', 'dask_client', 'dask_engine']
+           'sidecar', 'local_engine', 'score_file', 's3_filesystem', 'dask_client', 'close_dask', 'dask_engine']
 
 # %% ../nbs/08_scoring.ipynb #d9386255
 import os, secrets, sys, tempfile, time
@@ -354,6 +354,12 @@ def dask_client(scheduler=None):
     n = int(os.environ.get('FRAUD_MLOPS_DASK_WORKERS') or 2)
     return Client(LocalCluster(n_workers=n, threads_per_worker=1, host='127.0.0.1', dashboard_address=None, processes=True))
 
+def close_dask(client):
+    "Close `client`, and the local cluster `dask_client` started for it, if any (a client of an address has none)."
+    cluster = client.cluster
+    client.close()
+    if cluster is not None: cluster.close()
+
 def dask_engine(path, served, rows, id_column, where, scheduler=None):
     "(answers, reasons, rows) per partition of `path`, scored on a Dask cluster, in order, a bounded window at a time."
     import pandas as pd
@@ -378,7 +384,4 @@ def dask_engine(path, served, rows, id_column, where, scheduler=None):
             ids = pa.array(res[id_column].to_numpy()[~bad]) if has_id else None
             yield (answer_table(res['fraud_probability'].to_numpy()[~bad], res['fraud'].to_numpy()[~bad], served.version, ids,
                                 id_column), reasons, len(res))
-    finally:
-        cluster = None if scheduler else client.cluster
-        client.close()
-        if cluster is not None: cluster.close()
+    finally: close_dask(client)
