@@ -6,7 +6,7 @@
 __all__ = ['CHUNK_ROWS', 'ID_COLUMN', 'OUTPUT_COLUMNS', 'LABELS', 'chunk_rows', 'file_format', 'feature_matrix',
            'check_feature_columns', 'read_chunks', 'scoring_model', 'score_rows', 'answer_table', 'score_table',
            'is_s3', 'local_input', 'publish', 'temporary_output', 'AnswerWriter', 'BadRows', 'describe_bad_rows',
-           'sidecar', 'local_engine', 'score_file', 's3_filesystem', 'dask_client', 'close_dask', 'dask_engine']
+           'sidecar', 'local_engine', 'score_file', 'arrow_filesystem', 'dask_client', 'close_dask', 'dask_engine']
 
 # %% ../nbs/08_scoring.ipynb #d9386255
 import os, secrets, sys, tempfile, time
@@ -113,7 +113,7 @@ def _csv_batches(path, where, rows, id_column):
 
 def _parquet_batches(path, where, rows, id_column):
     "Arrow batches of Parquet `path`, only the columns needed."
-    try: f = pq.ParquetFile(path)
+    try: f = pq.ParquetFile(path, pre_buffer=False)   # pre-buffering would keep every row group read so far
     except FileNotFoundError: raise DataError(f"{where}: no such file") from None
     except (pa.ArrowInvalid, OSError) as e: raise DataError(f"{where}: not a readable Parquet file ({e})") from None
     names = f.schema_arrow.names; check_feature_columns(names, where)
@@ -301,20 +301,23 @@ def _score_partition(df, shipped, id_column):
     p, fraud = score_rows(_worker_model(*shipped), X, bad)
     prob, flag = np.full(len(df), np.nan), np.zeros(len(df), 'int8')
     prob[~bad], flag[~bad] = p, fraud
-    res = pd.DataFrame({'fraud_probability': prob, 'fraud': flag,
-                        '_bad': pd.Series([reasons.get(i) for i in range(len(df))], dtype=object)})
+    why = np.full(len(df), None, dtype=object)
+    for i, r in reasons.items(): why[i] = r
+    res = pd.DataFrame({'fraud_probability': prob, 'fraud': flag, '_bad': why})
     if id_column in df.columns: res.insert(0, id_column, df[id_column].to_numpy())
     return res
 
-def s3_filesystem():
-    "pyarrow's S3 filesystem at `s3_endpoint` (credentials and region: the standard AWS settings)."
+def arrow_filesystem(uri):
+    "(pyarrow filesystem, path) of `uri`: S3 at `s3_endpoint` (standard AWS credentials) for s3://bucket/key, else (None, uri)."
+    if not is_s3(uri): return None, str(uri)
     from pyarrow.fs import S3FileSystem
     scheme, _, host = (s3_endpoint() or '').partition('://')
-    return S3FileSystem(endpoint_override=host, scheme=scheme) if host else S3FileSystem()
+    return (S3FileSystem(endpoint_override=host, scheme=scheme) if host else S3FileSystem()), str(uri)[5:]
 
 def _open_parquet(path):
-    "A `ParquetFile` of a local path, or of an `s3://` object through `s3_filesystem`."
-    return pq.ParquetFile(s3_filesystem().open_input_file(str(path)[5:]) if is_s3(path) else str(path))
+    "A `ParquetFile` of a local path, or of an `s3://` object through `arrow_filesystem`."
+    fs, p = arrow_filesystem(path)
+    return pq.ParquetFile(fs.open_input_file(p) if fs else p, pre_buffer=False)
 
 def _read_row_groups(piece):
     "Pandas frame of row groups `groups` (columns `columns`) of the Parquet file at `path`: one partition, read on a worker."

@@ -62,16 +62,22 @@ def train_candidate(df, model='lgbm', valid=0.2, test=0.2, split='time', policy=
                           money_view(yte, p_test, threshold, parts[2].Amount.to_numpy(), review_cost),
                           describe_split(parts), Xte, yte, p_test, yva, p_valid, seconds, fit_seconds)
 
-# %% ../nbs/03_train.ipynb #84b3bb53
-def write_partitions(X, y, folder, rows=50_000):
-    "Write features `X` and labels `y` as Parquet files of at most `rows` rows in `folder`, in row order; return it."
+# %% ../nbs/03_train.ipynb #5aee4e17
+def write_partitions(X, y, folder, rows=50_000, filesystem=None):
+    "Write `X` and labels `y` as Parquet files of at most `rows` rows under `folder` (on pyarrow `filesystem`; None: local); return their paths."
     import pyarrow as pa, pyarrow.parquet as pq
     from pathlib import Path
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    for i, start in enumerate(range(0, len(y), rows)):
+    if filesystem is None: Path(folder).mkdir(parents=True, exist_ok=True)
+    paths = [f'{folder}/part-{i:05d}.parquet' for i in range((len(y) + rows - 1) // rows)]
+    for path, start in zip(paths, range(0, len(y), rows)):
         part = {f: X[start:start + rows, j] for j, f in enumerate(FEATURES)}
-        pq.write_table(pa.table({**part, TARGET: y[start:start + rows]}), folder/f'part-{i:05d}.parquet')
-    return folder
+        pq.write_table(pa.table({**part, TARGET: y[start:start + rows]}), path, filesystem=filesystem)
+    return paths
+
+def _read_partition(path, filesystem=None):
+    "One Parquet partition as a pandas frame (read on a worker)."
+    import pyarrow.parquet as pq
+    return pq.read_table(path, filesystem=filesystem).to_pandas()
 
 def _fit_partition(part, legit_fraction, random_state, partition_info=None):
     "Engineered features, label and weight of one partition's kept rows (its own seeded legitimate sample)."
@@ -82,21 +88,26 @@ def _fit_partition(part, legit_fraction, random_state, partition_info=None):
     out[TARGET], out['weight'] = y[keep], weight
     return out
 
-def fit_model_dask(model, X, y, legit_fraction=1.0, random_state=42, client=None, folder=None, partition_rows=50_000):
+def fit_model_dask(model, X, y, legit_fraction=1.0, random_state=42, client=None, folder=None, partition_rows=50_000,
+                   filesystem=None):
     "Fit LightGBM pipeline `model` with `lightgbm.dask` on `client`'s workers from Parquet partitions of (X, y); return a plain pipeline."
-    import tempfile
+    import secrets, tempfile
     import dask.dataframe as dd
     from lightgbm.dask import DaskLGBMClassifier
     from sklearn.pipeline import Pipeline
     est = model.steps[-1][1]
     if type(est).__name__ != 'LGBMClassifier': raise ValueError("the Dask engine trains LightGBM: use model='lgbm'")
-    parts = write_partitions(X, y, tempfile.mkdtemp(prefix='fit-', dir=folder), partition_rows)
+    base = str(folder or tempfile.mkdtemp(prefix='fraud-mlops-partitions-')).rstrip('/')
+    parts = write_partitions(X, y, f'{base}/fit-{secrets.token_hex(4)}', partition_rows, filesystem)
     names = list(FraudFeatures().get_feature_names_out())
     meta = pd.DataFrame({**{c: pd.Series(dtype='float64') for c in names}, TARGET: pd.Series(dtype='int64'),
                          'weight': pd.Series(dtype='float64')})
-    rows = dd.read_parquet(str(parts)).map_partitions(_fit_partition, legit_fraction, random_state, meta=meta)
+    raw = pd.DataFrame({**{c: pd.Series(dtype='float64') for c in FEATURES}, TARGET: pd.Series(dtype='int64')})
+    frame = dd.from_map(_read_partition, parts, filesystem=filesystem, meta=raw, enforce_metadata=False)
+    rows = frame.map_partitions(_fit_partition, legit_fraction, random_state, meta=meta)
     Xd, yd, wd = (rows[c].to_dask_array(lengths=True) for c in (names, TARGET, 'weight'))
-    dist = DaskLGBMClassifier(client=client, **est.get_params()).fit(Xd, yd, sample_weight=wd)
+    params = {k: v for k, v in est.get_params().items() if k != 'n_jobs'}   # each worker uses its own threads
+    dist = DaskLGBMClassifier(client=client, **params).fit(Xd, yd, sample_weight=wd)
     return Pipeline([('features', FraudFeatures()), ('model', dist.to_local())])
 
 # %% ../nbs/03_train.ipynb #74f748f9

@@ -52,3 +52,22 @@ def test_the_dask_candidate_is_promoted_like_any_other(dask_run):
     store, _ = dask_run
     r = subprocess.run([BIN/'fraud-mlops', 'promote', '--store', store.root, '--no-notify'], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith(f'promoted: {list_versions(store)[0]}'), r.stderr
+
+
+def test_partitions_on_s3_through_a_moto_server(s3_uri, ci_df):
+    "With an s3:// partitions prefix the rows to fit are written to S3 and the workers read them from there."
+    from distributed import Client, LocalCluster
+    from fraud_mlops.modelling import features_and_labels, make_model
+    from fraud_mlops.registry import parse_s3_uri, s3_client
+    from fraud_mlops.scoring import arrow_filesystem
+    from fraud_mlops.train import fit_model_dask
+    bucket, _ = parse_s3_uri(s3_uri)
+    X, y = features_and_labels(ci_df)
+    fs, folder = arrow_filesystem(f's3://{bucket}/partitions')
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as c, Client(c) as client:
+        model = fit_model_dask(make_model('lgbm', n_estimators=20), X, y, 0.5, client=client, folder=folder, partition_rows=2_500,
+                               filesystem=fs)
+    keys = [o['Key'] for o in s3_client().list_objects_v2(Bucket=bucket, Prefix='partitions/')['Contents']]
+    assert len(keys) == 4 and all(k.startswith('partitions/fit-') and k.endswith('.parquet') for k in keys), keys
+    p = model.predict_proba(X)[:, 1]
+    assert p[y == 1].mean() > 0.5 > p[y == 0].mean()        # it learnt from the rows it read back from S3
