@@ -29,7 +29,7 @@ def peak_mb():
 workers = []
 if engine == 'dask':
     from distributed import Client, LocalCluster
-    with LocalCluster(n_workers=2, threads_per_worker=1, host='127.0.0.1', dashboard_address=None, processes=True) as c, Client(c) as client:
+    with LocalCluster(n_workers=2, threads_per_worker=1, host='127.0.0.1', dashboard_address='127.0.0.1:0', processes=True) as c, Client(c) as client:
         r = score_file(src, dst, store, engine='dask', scheduler=c.scheduler_address, progress=False)
         workers = list(client.run(peak_mb).values())
 else:

@@ -355,7 +355,7 @@ def dask_client(scheduler=None):
     from distributed import Client, LocalCluster
     if scheduler: return Client(scheduler)
     n = int(os.environ.get('FRAUD_MLOPS_DASK_WORKERS') or 2)
-    return Client(LocalCluster(n_workers=n, threads_per_worker=1, host='127.0.0.1', dashboard_address=None, processes=True))
+    return Client(LocalCluster(n_workers=n, threads_per_worker=1, host='127.0.0.1', dashboard_address='127.0.0.1:0', processes=True))
 
 def close_dask(client):
     "Close `client`, and the local cluster `dask_client` started for it, if any (a client of an address has none)."

@@ -64,7 +64,7 @@ def test_partitions_on_s3_through_a_moto_server(s3_uri, ci_df):
     bucket, _ = parse_s3_uri(s3_uri)
     X, y = features_and_labels(ci_df)
     fs, folder = arrow_filesystem(f's3://{bucket}/partitions')
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as c, Client(c) as client:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address='127.0.0.1:0') as c, Client(c) as client:
         model = fit_model_dask(make_model('lgbm', n_estimators=20), X, y, 0.5, client=client, folder=folder, partition_rows=2_500,
                                filesystem=fs)
     keys = [o['Key'] for o in s3_client().list_objects_v2(Bucket=bucket, Prefix='partitions/')['Contents']]

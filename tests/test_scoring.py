@@ -142,7 +142,7 @@ def test_s3_input_and_output_through_a_moto_server(s3_uri, add_candidate, inputs
 def cluster():
     "A LocalCluster of 2 single-threaded worker processes on loopback, shared by the Dask tests; yields its address."
     from distributed import LocalCluster
-    with LocalCluster(n_workers=2, threads_per_worker=1, host='127.0.0.1', dashboard_address=None, processes=True) as c:
+    with LocalCluster(n_workers=2, threads_per_worker=1, host='127.0.0.1', dashboard_address='127.0.0.1:0', processes=True) as c:
         yield c.scheduler_address
 
 
