@@ -59,16 +59,15 @@ def _as_float(col):
 def feature_matrix(table):
     "(X float64 (n, 30), bad-row mask, {row index: reason}) of an Arrow table holding the `FEATURES` columns."
     X = np.empty((table.num_rows, len(FEATURES)), order='F')
-    reasons = {}
+    reasons, bad = {}, np.zeros(table.num_rows, dtype=bool)
     for j, name in enumerate(FEATURES):
         X[:, j], text = _as_float(table.column(name))
-        bad = ~np.isfinite(X[:, j])
-        for i in np.flatnonzero(bad):
-            if int(i) in reasons: continue
-            reasons[int(i)] = (f'{name} is not a number ({table.column(name)[int(i)].as_py()!r})' if text is not None and text[i]
-                               else f'{name} is missing or not finite')
-    bad = np.zeros(table.num_rows, dtype=bool); bad[list(reasons)] = True
-    return X, bad, reasons
+        new = ~np.isfinite(X[:, j]) & ~bad              # each bad row is named by its first bad column
+        for i in np.flatnonzero(new).tolist():
+            reasons[i] = (f'{name} is not a number ({table.column(name)[i].as_py()!r})' if text is not None and text[i]
+                          else f'{name} is missing or not finite')
+        bad |= new
+    return X, bad, dict(sorted(reasons.items()))
 
 # %% ../nbs/08_scoring.ipynb #28a6c3d4
 def check_feature_columns(names, where):
@@ -375,7 +374,7 @@ def dask_engine(path, served, rows, id_column, where, scheduler=None):
     try:
         shipped, = client.scatter([(served.model, served.manifest)], broadcast=True, hash=False)
         parts = ddf.map_partitions(_score_partition, shipped, id_column, meta=meta).to_delayed()
-        window = 2 * max(1, len(client.scheduler_info()['workers']))
+        window = 2 * max(1, len(client.nthreads()))    # partitions in flight: two per worker
         futures = [client.compute(d) for d in parts[:window]]
         for i in range(len(parts)):
             try: res = futures[i].result()
