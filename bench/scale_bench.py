@@ -1,7 +1,8 @@
 """`make bench-scale`: file scoring at 1x, 4x and 16x the full dataset, in this process and on a 2-worker LocalCluster.
 
 The inputs are the 284,807 real rows replicated (1, 4 and 16 copies, an `id` column numbering the rows), written as
-Parquet under a temporary folder (`BENCH_DIR` to choose another) and deleted afterwards. Each run is a fresh process,
+Parquet under a temporary folder (`BENCH_DIR` to choose another, kept) and deleted afterwards; `BENCH_COPIES=1,4,16`
+chooses the sizes. Each run is a fresh process,
 so its peak RSS is its own; on the cluster the workers' peak RSS is read from each worker before it stops. The model
 is the default LightGBM candidate trained on the full data (all of it: this measures speed, not quality).
 
