@@ -105,7 +105,8 @@ def fit_model_dask(model, X, y, legit_fraction=1.0, random_state=42, client=None
     raw = pd.DataFrame({**{c: pd.Series(dtype='float64') for c in FEATURES}, TARGET: pd.Series(dtype='int64')})
     frame = dd.from_map(_read_partition, parts, filesystem=filesystem, meta=raw, enforce_metadata=False)
     rows = frame.map_partitions(_fit_partition, legit_fraction, random_state, meta=meta)
-    Xd, yd, wd = (rows[c].to_dask_array(lengths=True) for c in (names, TARGET, 'weight'))
+    lengths = tuple(rows.map_partitions(len).compute())           # one pass, so the arrays know their chunks
+    Xd, yd, wd = (rows[c].to_dask_array(lengths=lengths) for c in (names, TARGET, 'weight'))
     params = {k: v for k, v in est.get_params().items() if k != 'n_jobs'}   # each worker uses its own threads
     dist = DaskLGBMClassifier(client=client, **params).fit(Xd, yd, sample_weight=wd)
     return Pipeline([('features', FraudFeatures()), ('model', dist.to_local())])
