@@ -14,7 +14,7 @@ __all__ = ['EXAMPLE_FEATURES', 'PARALLEL_ROWS', 'BATCH_THREADS', 'TOLERANCE', 'l
            'model_manifest', 'metrics', 'read_body', 'predict', 'predict_batch', 'openapi', 'require_admin', 'reload',
            'serve']
 
-# %% ../nbs/06_serving.ipynb #c0a2cd69
+# %% ../nbs/06_serving.ipynb #94ebc1f9
 import asyncio, hmac, json, logging, os, sys, time
 from bisect import bisect_left
 from contextlib import asynccontextmanager
@@ -38,14 +38,14 @@ from .modelling import FraudFeatures
 from .registry import (IntegrityError, NoChampion, StoreError, load_champion, open_store, read_champion,
                                   store_uri)
 
-# %% ../nbs/06_serving.ipynb #800b4ace
+# %% ../nbs/06_serving.ipynb #fcf29d81
 EXAMPLE_FEATURES = [0.0, -1.3598071336738, -0.0727811733098497, 2.53634673796914, 1.37815522427443, -0.338320769942518,
     0.462387777762292, 0.239598554061257, 0.0986979012610507, 0.363786969611213, 0.0907941719789316, -0.551599533260813,
     -0.617800855762348, -0.991389847235408, -0.311169353699879, 1.46817697209427, -0.470400525259478, 0.207971241929242,
     0.0257905801985591, 0.403992960255733, 0.251412098239705, -0.018306777944153, 0.277837575558899, -0.110473910188767,
     0.0669280749146731, 0.128539358273528, -0.189114843888824, 0.133558376740387, -0.0210530534538215, 149.62]
 
-# %% ../nbs/06_serving.ipynb #7f0702fd
+# %% ../nbs/06_serving.ipynb #2767dc90
 def single_threaded(model):
     "Set every `*n_jobs` parameter of `model` (an estimator or pipeline) to 1; return `model`."
     params = {k: 1 for k in model.get_params() if k.endswith('n_jobs')}
@@ -59,7 +59,7 @@ def _is_lgbm_default(model):
     est = steps[1][1]
     return type(est).__name__ == 'LGBMClassifier' and getattr(est, 'n_classes_', None) == 2 and hasattr(est, 'booster_')
 
-# %% ../nbs/06_serving.ipynb #b3cbf84c
+# %% ../nbs/06_serving.ipynb #60617f64
 def _free_config(lib, handle, booster):
     "Free a LightGBM FastConfig handle (`booster` is passed only to keep it alive until then)."
     import ctypes
@@ -70,8 +70,9 @@ BATCH_THREADS = 2      # measured on 2 cores: 10,000 rows in ~12 ms instead of ~
 
 class BoosterRuntime:
     "P(fraud) of a fitted FraudFeatures + LGBMClassifier pipeline through LightGBM's C API, on one thread but for large batches."
-    def __init__(self, model):
+    def __init__(self, model, threads=BATCH_THREADS):
         import ctypes, weakref
+        self.threads = threads
         from lightgbm.basic import _LIB, _c_str, _safe_call
         self.features, self.booster = model.steps[0][1], model.steps[1][1].booster_
         self._call, self._lib, self._ct = _safe_call, _LIB, ctypes
@@ -95,22 +96,22 @@ class BoosterRuntime:
         return float(self.out[0])
 
     def __call__(self, rows):
-        "P(fraud) of float64 rows (n, 30); `BATCH_THREADS` threads from `PARALLEL_ROWS` rows on, else one."
+        "P(fraud) of float64 rows (n, 30); `self.threads` threads from `PARALLEL_ROWS` rows on, else one."
         if len(rows) == 1: return np.array([self.one(rows[0])])
-        threads = BATCH_THREADS if len(rows) >= PARALLEL_ROWS else 1
+        threads = self.threads if len(rows) >= PARALLEL_ROWS else 1
         return self.booster.predict(self.features.transform(rows), num_iteration=self.iterations, num_threads=threads)
 
-def fast_predictor(model):
-    "(runtime name, function from a float64 (n, 30) array to P(fraud)) for fitted `model`."
+def fast_predictor(model, threads=BATCH_THREADS):
+    "(runtime name, function from a float64 (n, 30) array to P(fraud)) for fitted `model`; `threads` for large batches."
     if _is_lgbm_default(model):
-        try: return 'lightgbm-c-api', BoosterRuntime(model)
+        try: return 'lightgbm-c-api', BoosterRuntime(model, threads)
         except Exception as e: log.warning('LightGBM fast path unavailable (%r): serving through predict_proba', e)
     return 'sklearn-pipeline', lambda rows: model.predict_proba(rows)[:, 1]
 
-# %% ../nbs/06_serving.ipynb #a4b6e4ed
+# %% ../nbs/06_serving.ipynb #4079bdc6
 TOLERANCE = 1e-9  # largest |fast runtime - predict_proba| accepted on the smoke rows
 
-# %% ../nbs/06_serving.ipynb #77661c3b
+# %% ../nbs/06_serving.ipynb #9f0d7fec
 log = logging.getLogger('fraud_mlops.serving')
 
 class ServingError(Exception):
@@ -129,9 +130,9 @@ class ServedModel:
 
 SMOKE_ROWS = np.array([[0.0] * 30, EXAMPLE_FEATURES, [172_792.0] + [-5.0] * 28 + [25_691.16], [86_400.0] + [3.0] * 28 + [0.0]])
 
-# %% ../nbs/06_serving.ipynb #57e0f0a2
-def prepare_model(model, manifest):
-    "Check, single-thread, smoke-test and warm up `model`; return it with its manifest as one `ServedModel`."
+# %% ../nbs/06_serving.ipynb #40bb5cd3
+def prepare_model(model, manifest, threads=BATCH_THREADS):
+    "Check, single-thread, smoke-test and warm up `model` (`threads` for large batches); return it with its manifest as one `ServedModel`."
     version = manifest.get('version')
     try: threshold = float(manifest['threshold'])
     except (KeyError, TypeError, ValueError):
@@ -144,7 +145,7 @@ def prepare_model(model, manifest):
     except Exception as e: raise ServingError(f"model of version {version} fails a warm-up prediction: {e!r}") from None
     if expected.shape != (len(SMOKE_ROWS), 2) or not np.isfinite(expected).all() or not ((expected >= 0) & (expected <= 1)).all():
         raise ServingError(f"model of version {version} returns probabilities of shape {expected.shape}, not (n, 2) in [0, 1]")
-    runtime, predict = fast_predictor(model)
+    runtime, predict = fast_predictor(model, threads)
     try: ok = np.abs(np.asarray(predict(SMOKE_ROWS)) - expected[:, 1]).max() <= TOLERANCE
     except Exception: ok = False
     if not ok:
@@ -153,7 +154,7 @@ def prepare_model(model, manifest):
     predict(SMOKE_ROWS[:1])  # warm the single-row path
     return ServedModel(model, manifest, version, threshold, predict, runtime, datetime.now(timezone.utc).isoformat(timespec='seconds'))
 
-# %% ../nbs/06_serving.ipynb #978fffce
+# %% ../nbs/06_serving.ipynb #79a157bd
 LOAD_ERRORS = (StoreError, ServingError)  # what "cannot serve this" looks like; anything else is a bug
 
 def next_model(uri=None, current=None, seen_tag=None):
@@ -168,7 +169,7 @@ def next_model(uri=None, current=None, seen_tag=None):
         e.tag = tag  # what the caller should not try again until the pointer changes
         raise
 
-# %% ../nbs/06_serving.ipynb #c82cd0af
+# %% ../nbs/06_serving.ipynb #ad72e629
 Number = Annotated[float, Strict(), AllowInfNan(False)]  # a JSON number (int or float), finite
 Row = Annotated[list[Number], Field(min_length=len(FEATURES), max_length=len(FEATURES),
                                     description='Time, V1..V28, Amount, in that order')]
@@ -183,7 +184,7 @@ class Batch(BaseModel):
     model_config = ConfigDict(json_schema_extra={'examples': [{'instances': [EXAMPLE_FEATURES, EXAMPLE_FEATURES]}]})
     instances: Annotated[list[Row], Field(min_length=1, description='one row of 30 numbers per transaction')]
 
-# %% ../nbs/06_serving.ipynb #068bcdd9
+# %% ../nbs/06_serving.ipynb #414ca8d4
 Label = Literal['legit', 'fraud']
 
 class Scored(BaseModel):
@@ -225,7 +226,7 @@ class Error(BaseModel):
     "Every error answer: one sentence saying what went wrong."
     detail: str
 
-# %% ../nbs/06_serving.ipynb #e80ed614
+# %% ../nbs/06_serving.ipynb #a0388842
 ROW_TEXT = f'exactly {len(FEATURES)} numbers ({FEATURES[0]}, {FEATURES[1]}..{FEATURES[-2]}, {FEATURES[-1]})'
 
 def _where(loc):
@@ -268,7 +269,7 @@ def explain_errors(errors, limit=3):
     more = f'; and {len(msgs) - limit} more problems' if len(msgs) > limit else ''
     return '; '.join(msgs[:limit]) + more
 
-# %% ../nbs/06_serving.ipynb #f218b701
+# %% ../nbs/06_serving.ipynb #0fc22bbb
 class BadRequest(Exception):
     "A request refused with `status` (422 or 413) and a one-sentence `detail`."
     def __init__(self, detail, status=422): super().__init__(detail); self.detail, self.status = detail, status
@@ -327,7 +328,7 @@ def parse_rows(body, content_type=None, single=True, max_rows=1):
                 if np.isfinite(a).all(): return a.reshape(-1, len(FEATURES))
     return _slow_rows(body, single, max_rows)
 
-# %% ../nbs/06_serving.ipynb #d6129291
+# %% ../nbs/06_serving.ipynb #23091e99
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PROBABILITY_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
@@ -385,7 +386,7 @@ class ServingMetrics:
         yield info
         if s: yield GaugeMetricFamily('fraud_mlops_model_threshold', 'Decision threshold of the served model.', value=s.threshold)
 
-# %% ../nbs/06_serving.ipynb #d9c4dcc7
+# %% ../nbs/06_serving.ipynb #a01b69db
 class AccessLog:
     "JSON lines buffered in memory and written to `stream` (a binary file) every `every` seconds or `lines` lines."
     def __init__(self, stream=None, every=0.05, lines=512):
@@ -408,7 +409,7 @@ class AccessLog:
         try: stream.write(data); stream.flush()
         except Exception: pass  # a closed or missing stdout must not break serving
 
-# %% ../nbs/06_serving.ipynb #a6c897d9
+# %% ../nbs/06_serving.ipynb #55e73352
 DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY, SINGLE_MAX_BODY, DEFAULT_POLL_SECONDS = 100_000, 64 << 20, 64 << 10, 10.0
 
 def env_number(name, default, kind=int, zero=False):
@@ -457,7 +458,7 @@ class ServingState:
                  AccessLog() if _flag('FRAUD_MLOPS_ACCESS_LOG', '1') else None, _flag('FRAUD_MLOPS_LOG_FEATURES', '0'))
         return st
 
-# %% ../nbs/06_serving.ipynb #45a93411
+# %% ../nbs/06_serving.ipynb #462b1702
 PERMANENT = (IntegrityError, ServingError)  # a bad bundle: not worth fetching again until the pointer changes
 
 async def refresh(st, force=False):
@@ -482,7 +483,7 @@ async def refresh(st, force=False):
         log.info('fraud-mlops now serves version %s (%s runtime; was %s)', new.version, new.runtime, old_version)
         return True, old_version
 
-# %% ../nbs/06_serving.ipynb #bc83d7de
+# %% ../nbs/06_serving.ipynb #76e6067f
 async def poll_champion(st):
     "Forever: check the champion pointer of `st.store` every `st.poll` seconds (backing off from 0.5 s while not ready)."
     delay = min(0.5, st.poll)
@@ -495,7 +496,7 @@ async def poll_champion(st):
         except Exception: log.exception('champion check crashed')
         delay = min(delay * 2, st.poll) if st.served is None else min(0.5, st.poll)
 
-# %% ../nbs/06_serving.ipynb #c7dba999
+# %% ../nbs/06_serving.ipynb #79cf5712
 state = ServingState(store_uri())  # this worker's state: one object, reset when the app starts
 
 def pin_threads():
@@ -523,7 +524,7 @@ async def lifespan(app):
 app = FastAPI(title='fraud-mlops', version=__version__, lifespan=lifespan,
               description='Credit-card fraud scores from the champion model of the registry.')
 
-# %% ../nbs/06_serving.ipynb #6cc5def5
+# %% ../nbs/06_serving.ipynb #8994590e
 _ROUTES = frozenset(('/', '/health/live', '/health/ready', '/predict', '/predict/batch', '/reload', '/model', '/metrics',
                      '/docs', '/openapi.json'))
 
@@ -559,7 +560,7 @@ def observe(asgi):
 
 app.add_middleware(observe)
 
-# %% ../nbs/06_serving.ipynb #3b526d06
+# %% ../nbs/06_serving.ipynb #8cb6f0e7
 _ERRORS = {422: {'model': Error, 'description': 'Invalid input; the detail says what is wrong'},
            413: {'model': Error, 'description': 'Body or batch over the limit'},
            503: {'model': Error, 'description': 'No model loaded; the detail says why'}}
@@ -575,7 +576,7 @@ def served():
     if s is None: raise HTTPException(503, f'no model loaded: {state.reason}')
     return s
 
-# %% ../nbs/06_serving.ipynb #eac2e72d
+# %% ../nbs/06_serving.ipynb #a4e39b6c
 @app.get('/', response_model=Status)
 async def status():
     "What this worker serves, from which store, or why it is not ready."
@@ -605,7 +606,7 @@ async def metrics():
     from prometheus_client import generate_latest
     return Response(generate_latest(state.registry), media_type='text/plain; version=0.0.4; charset=utf-8')
 
-# %% ../nbs/06_serving.ipynb #38311dd8
+# %% ../nbs/06_serving.ipynb #6115a49f
 _LABELS = ('legit', 'fraud')
 INLINE_ROWS = 64  # batches up to this size score on the event loop
 
@@ -655,7 +656,7 @@ async def predict_batch(request: Request):
     return _json({'model_version': s.version,
                   'predictions': [{'prediction': _LABELS[f], 'fraud_probability': q} for q, f in zip(p.tolist(), flags.tolist())]})
 
-# %% ../nbs/06_serving.ipynb #a20c0683
+# %% ../nbs/06_serving.ipynb #62c32df3
 def openapi():
     "The OpenAPI schema, with the `Transaction` and `Batch` body models that the scoring endpoints document."
     if app.openapi_schema is None:
@@ -667,7 +668,7 @@ def openapi():
 
 app.openapi = openapi
 
-# %% ../nbs/06_serving.ipynb #c24c80cf
+# %% ../nbs/06_serving.ipynb #d5159b8b
 _bearer = HTTPBearer(auto_error=False, description='FRAUD_MLOPS_ADMIN_TOKEN')
 
 async def require_admin(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]):
@@ -678,7 +679,7 @@ async def require_admin(credentials: Annotated[HTTPAuthorizationCredentials | No
         raise HTTPException(401, 'missing or wrong admin token (send Authorization: Bearer <token>)',
                             headers={'WWW-Authenticate': 'Bearer'})
 
-# %% ../nbs/06_serving.ipynb #4d237c97
+# %% ../nbs/06_serving.ipynb #178901c3
 @app.post('/reload', response_model=Reloaded, dependencies=[Depends(require_admin)],
           responses={401: {'model': Error}, 403: {'model': Error}, 503: _ERRORS[503]})
 async def reload():
@@ -691,7 +692,7 @@ async def reload():
         raise HTTPException(503, f'reload failed, still serving version {s.version}: {e}') from None
     return {'reloaded': reloaded, 'model_version': state.served.version, 'previous_version': old_version}
 
-# %% ../nbs/06_serving.ipynb #311cb090
+# %% ../nbs/06_serving.ipynb #cf27ec97
 def serve(host='127.0.0.1', port=8000, workers=1):
     "Run the API with uvicorn on `host`:`port` with `workers` processes."
     import uvicorn
