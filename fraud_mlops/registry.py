@@ -11,7 +11,7 @@ __all__ = ['S3_DEFAULTS', 'DEFAULT_STORE', 'SIGNING_KEY_VAR', 'CHAMPION', 'Store
            'read_champion', 'set_champion', 'load_champion', 'record_decision', 'decided_versions', 'list_decisions',
            'version_statuses', 'signature_status', 'model_statuses']
 
-# %% ../nbs/04_registry.ipynb #7c5564c2
+# %% ../nbs/04_registry.ipynb #476444ac
 import getpass, hashlib, hmac, io, json, os, re, secrets, socket, time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +19,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 
-# %% ../nbs/04_registry.ipynb #7ab31735
+# %% ../nbs/04_registry.ipynb #17937613
 class StoreError(Exception):
     "A registry operation that cannot be done; the message says why."
 
@@ -38,7 +38,7 @@ class IntegrityError(StoreError):
 class NoChampion(StoreError):
     "The store has no champion yet."
 
-# %% ../nbs/04_registry.ipynb #50f5041a
+# %% ../nbs/04_registry.ipynb #05ca4b22
 def sha256_hex(data: bytes):
     "Hex SHA-256 of `data`."
     return hashlib.sha256(data).hexdigest()
@@ -120,7 +120,7 @@ class LocalStore:
             try: d.rmdir()
             except OSError: break
 
-# %% ../nbs/04_registry.ipynb #4799099b
+# %% ../nbs/04_registry.ipynb #8754a322
 def who():
     "user@host, for the audit trail."
     try: user = getpass.getuser()
@@ -131,7 +131,7 @@ def utcnow():
     "Now, UTC, ISO 8601 with seconds."
     return datetime.now(timezone.utc).isoformat(timespec='seconds')
 
-# %% ../nbs/04_registry.ipynb #e73ccdba
+# %% ../nbs/04_registry.ipynb #474a9a12
 S3_DEFAULTS = {'AWS_MAX_ATTEMPTS': 3, 'FRAUD_MLOPS_S3_CONNECT_TIMEOUT': 3.0, 'FRAUD_MLOPS_S3_READ_TIMEOUT': 20.0}
 
 def _env_number(name, kind=float):
@@ -159,7 +159,7 @@ def s3_client():
     import boto3
     return boto3.session.Session().client('s3', endpoint_url=s3_endpoint(), config=s3_config())
 
-# %% ../nbs/04_registry.ipynb #af046812
+# %% ../nbs/04_registry.ipynb #409af722
 _BUCKET = re.compile(r'^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$')
 
 def parse_s3_uri(uri):
@@ -170,7 +170,7 @@ def parse_s3_uri(uri):
         raise StoreError(f"{uri}: {bucket!r} is not a valid S3 bucket name (write s3://bucket/prefix)")
     return bucket, '/'.join(p for p in prefix.split('/') if p)
 
-# %% ../nbs/04_registry.ipynb #91446d61
+# %% ../nbs/04_registry.ipynb #a5505166
 _CREDENTIAL_CODES = {'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'ExpiredToken', 'InvalidToken', 'TokenRefreshRequired'}
 
 def _s3_error(store, e, op, key=None, conflict=None):
@@ -203,7 +203,7 @@ def _s3_error(store, e, op, key=None, conflict=None):
                           "check AWS_ENDPOINT_URL and the network")
     return StoreError(f"S3 {op} on {where} failed: {e}")
 
-# %% ../nbs/04_registry.ipynb #617743d8
+# %% ../nbs/04_registry.ipynb #ee8d9bc6
 class S3Store:
     "A store under `s3://bucket/prefix`, with the same interface as `LocalStore`, through boto3."
     def __init__(self, uri, client=None):
@@ -262,9 +262,20 @@ class S3Store:
 
     def put(self, key, data):
         "Store `data` at `key`, replacing whole (multipart for large objects; visible only once complete)."
+        self._upload(key, io.BytesIO(data))
+
+    def put_file(self, key, path):
+        "Store local file `path` at `key` as `put` does, streamed from disk (for files too big to hold in memory)."
+        with open(path, 'rb') as f: self._upload(key, f)
+
+    def get_file(self, key, path):
+        "Write the object at `key` to local file `path` (ranged, parallel parts when large); `Missing` if absent."
+        self._call('download_file', key, Filename=str(path))
+
+    def _upload(self, key, f):
         from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
-        try: self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), Config=self.transfer_config)
+        try: self.client.upload_fileobj(f, self.bucket, self._key(key), Config=self.transfer_config)
         except (ClientError, BotoCoreError) as e: raise _s3_error(self, e, 'upload', key) from None
         except S3UploadFailedError as e: raise StoreError(f"upload of {key} to store {self.uri} failed: {e}") from None
 
@@ -290,7 +301,7 @@ class S3Store:
         "Remove `key` if present."
         self._call('delete_object', key)
 
-# %% ../nbs/04_registry.ipynb #1e2313af
+# %% ../nbs/04_registry.ipynb #9b32be47
 def request_log(store):
     "A list that fills with (operation, key, conditions) of every S3 call `store` makes from now on."
     seen, root = [], store._key('')
@@ -301,7 +312,7 @@ def request_log(store):
     store.client.meta.events.register('provide-client-params.s3.*', hook)
     return seen
 
-# %% ../nbs/04_registry.ipynb #779e3b12
+# %% ../nbs/04_registry.ipynb #e6fc04f9
 DEFAULT_STORE = 'registry'
 
 def store_uri(uri=None):
@@ -317,7 +328,7 @@ def open_store(uri=None, create=False):
         raise StoreError(f"{uri}: unknown kind of store {scheme}://; use a folder or s3://bucket/prefix")
     return LocalStore(re.sub(r'^file://', '', uri, flags=re.I), create=create)
 
-# %% ../nbs/04_registry.ipynb #7b687691
+# %% ../nbs/04_registry.ipynb #60a27edd
 SIGNING_KEY_VAR = 'FRAUD_MLOPS_SIGNING_KEY'
 
 def signing_key():
@@ -350,7 +361,7 @@ def verify_manifest(manifest, key, version):
            if sig.get('key_id') != key_id(key) else 'it was modified after signing')
     raise IntegrityError(f"signature of the manifest of version {version} does not match: {why}; refusing to load it")
 
-# %% ../nbs/04_registry.ipynb #bd9e59b6
+# %% ../nbs/04_registry.ipynb #0ad8a20b
 def new_version_id():
     "A fresh, time-sortable version id."
     now = datetime.now(timezone.utc)
@@ -385,7 +396,7 @@ def delete_version(store, version):
     store.delete(f'versions/{version}/manifest.json')
     for k in store.keys(f'versions/{version}'): store.delete(k)
 
-# %% ../nbs/04_registry.ipynb #91885d53
+# %% ../nbs/04_registry.ipynb #880994ba
 def load_manifest(store, version, verify=True):
     "The manifest of `version`; with `verify` and a signing key, only if its signature is valid."
     try: raw = store.get(f'versions/{version}/manifest.json')
@@ -430,7 +441,7 @@ def load_evaluation(store, manifest):
     data = _verified(store, manifest['version'], manifest['evaluation'])
     with np.load(io.BytesIO(data), allow_pickle=False) as z: return z['X'], z['y']
 
-# %% ../nbs/04_registry.ipynb #9bce75ce
+# %% ../nbs/04_registry.ipynb #ca90da76
 CHAMPION = 'champion.json'
 
 def read_champion(store, unless=None):
@@ -462,7 +473,7 @@ def load_champion(store, pointer=None):
         raise StoreError(f"{CHAMPION} in store {store.uri} names version {pointer['version']}, which is not in the store") from None
     return model_from(store, manifest), manifest
 
-# %% ../nbs/04_registry.ipynb #215aca2b
+# %% ../nbs/04_registry.ipynb #671b673d
 def record_decision(store, decision):
     "Append `decision` (a dict with at least `candidate` and `decision`) to the log; return its key."
     key = f"decisions/{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}-{decision['candidate']}.json"
@@ -483,7 +494,7 @@ def list_decisions(store):
             raise IntegrityError(f"decision record {k} in store {store.uri} is not valid JSON ({e})") from None
     return out
 
-# %% ../nbs/04_registry.ipynb #1ca11672
+# %% ../nbs/04_registry.ipynb #5dbdb45b
 def version_statuses(store, pointer=None):
     "{version: status} of complete versions: champion, retired (once champion), rejected or candidate."
     last = {d['candidate']: d['decision'] for d in list_decisions(store)}

@@ -5,10 +5,11 @@
 # %% auto #0
 __all__ = ['CHUNK_ROWS', 'ID_COLUMN', 'OUTPUT_COLUMNS', 'LABELS', 'chunk_rows', 'file_format', 'feature_matrix',
            'check_feature_columns', 'read_chunks', 'scoring_model', 'score_rows', 'answer_table', 'score_table',
-           'is_s3', 'local_input', 'publish', 'temporary_output', 'AnswerWriter', 'BadRows', 'describe_bad_rows',
-           'sidecar', 'local_engine', 'score_file', 'arrow_filesystem', 'dask_client', 'close_dask', 'dask_engine']
+           'is_s3', 's3_object', 'local_input', 'publish', 'temporary_output', 'AnswerWriter', 'BadRows',
+           'describe_bad_rows', 'sidecar', 'local_engine', 'score_file', 'arrow_filesystem', 'dask_client',
+           'close_dask', 'dask_engine']
 
-# %% ../nbs/08_scoring.ipynb #d20e801e
+# %% ../nbs/08_scoring.ipynb #db3a9c6a
 import os, secrets, sys, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,9 +21,9 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from .data import FEATURES, DataError
-from .registry import StoreError, load_champion, load_model, open_store, parse_s3_uri, s3_client, s3_endpoint
+from .registry import Missing, S3Store, load_champion, load_model, open_store, parse_s3_uri, s3_endpoint
 
-# %% ../nbs/08_scoring.ipynb #414970f3
+# %% ../nbs/08_scoring.ipynb #5717f5c2
 CHUNK_ROWS = 250_000      # default rows per chunk (FRAUD_MLOPS_CHUNK_ROWS overrides)
 ID_COLUMN = 'id'          # kept in the output when the input has it
 OUTPUT_COLUMNS = ['fraud_probability', 'prediction', 'model_version']
@@ -43,7 +44,7 @@ def file_format(path):
     if name.endswith(('.parquet', '.pq')): return 'parquet'
     raise DataError(f"{path}: cannot tell the format from the name; use a .csv or .parquet file")
 
-# %% ../nbs/08_scoring.ipynb #5f650610
+# %% ../nbs/08_scoring.ipynb #4177319c
 def _as_float(col):
     "(float64 numpy array, mask of values that are not numbers) of an Arrow column; nulls become NaN."
     if pa.types.is_floating(col.type) or pa.types.is_integer(col.type):
@@ -69,7 +70,7 @@ def feature_matrix(table):
         bad |= new
     return X, bad, dict(sorted(reasons.items()))
 
-# %% ../nbs/08_scoring.ipynb #330b680c
+# %% ../nbs/08_scoring.ipynb #a9655a75
 def check_feature_columns(names, where):
     "Raise `DataError` unless `names` hold every feature column."
     missing = [c for c in FEATURES if c not in names]
@@ -130,7 +131,7 @@ def read_chunks(path, rows=None, id_column=ID_COLUMN, where=None):
             if n == rows: yield pa.Table.from_batches(buf); buf, n = [], 0
     if n: yield pa.Table.from_batches(buf)
 
-# %% ../nbs/08_scoring.ipynb #48248115
+# %% ../nbs/08_scoring.ipynb #e6ee48ac
 def scoring_model(store=None, version=None):
     "The `ServedModel` of the champion (or of `version`) of `store`, prepared exactly as the API prepares it."
     from fraud_mlops.serving import prepare_model
@@ -159,39 +160,30 @@ def score_table(served, table, id_column=ID_COLUMN):
     if id_column in table.column_names: ids = table.column(id_column).filter(pa.array(~bad)) if reasons else table.column(id_column)
     return answer_table(p, fraud, served.version, ids, id_column), reasons
 
-# %% ../nbs/08_scoring.ipynb #cf8ca54d
+# %% ../nbs/08_scoring.ipynb #d1937a95
 def is_s3(path): return str(path).lower().startswith('s3://')
 
-def _s3_error(e, uri, op):
-    "A `DataError` or `StoreError` that explains botocore exception `e` while `op` `uri`."
-    from botocore import exceptions as bx
-    if isinstance(e, bx.ClientError):
-        code = str(e.response.get('Error', {}).get('Code', ''))
-        if code in ('404', 'NoSuchKey'): return DataError(f"{uri}: no such object")
-        if code == 'NoSuchBucket': return DataError(f"{uri}: bucket does not exist")
-        return StoreError(f"{uri}: S3 refused {op} ({code}): check the credentials and the bucket policy")
-    if isinstance(e, bx.NoCredentialsError): return StoreError(f"{uri}: no AWS credentials: set AWS_ACCESS_KEY_ID or use a role")
-    return StoreError(f"{uri}: cannot reach S3 at {s3_endpoint() or 'AWS'} ({type(e).__name__})")
+def s3_object(uri):
+    "(`S3Store` of the bucket, key) of object URI `s3://bucket/key`."
+    bucket, key = parse_s3_uri(uri)
+    return S3Store(f's3://{bucket}'), key
 
 @contextmanager
 def local_input(uri):
     "A local path holding `uri`'s bytes: the path itself, or a temporary download of an `s3://` object."
     if not is_s3(uri): yield Path(uri); return
-    from botocore.exceptions import BotoCoreError, ClientError
-    bucket, key = parse_s3_uri(uri)
+    store, key = s3_object(uri)
     with tempfile.TemporaryDirectory(prefix='fraud-mlops-in-') as d:
         path = Path(d)/Path(key).name
-        try: s3_client().download_file(bucket, key, str(path))
-        except (BotoCoreError, ClientError) as e: raise _s3_error(e, uri, 'the download') from None
+        try: store.get_file(key, path)
+        except Missing: raise DataError(f"{uri}: no such object") from None
         yield path
 
 def publish(tmp_path, dest):
     "Move finished file `tmp_path` to local path or `s3://` URI `dest` (uploaded, then the temporary file removed)."
     if not is_s3(dest): os.replace(tmp_path, dest); return
-    from botocore.exceptions import BotoCoreError, ClientError
-    bucket, key = parse_s3_uri(dest)
-    try: s3_client().upload_file(str(tmp_path), bucket, key)
-    except (BotoCoreError, ClientError) as e: raise _s3_error(e, dest, 'the upload') from None
+    store, key = s3_object(dest)
+    try: store.put_file(key, tmp_path)
     finally: Path(tmp_path).unlink(missing_ok=True)
 
 def temporary_output(dest):
@@ -201,7 +193,7 @@ def temporary_output(dest):
     if not folder.is_dir(): raise DataError(f"{dest}: folder {folder} does not exist")
     return folder/f'.{name}.{secrets.token_hex(4)}.tmp'
 
-# %% ../nbs/08_scoring.ipynb #b570cc06
+# %% ../nbs/08_scoring.ipynb #4ce62dfe
 class AnswerWriter:
     "Append answer tables to the CSV or Parquet file `path`; `close` finishes it."
     def __init__(self, path, fmt): self.path, self.fmt, self.writer, self.rows = path, fmt, None, 0
@@ -214,7 +206,7 @@ class AnswerWriter:
     def close(self):
         if self.writer is not None: self.writer.close()
 
-# %% ../nbs/08_scoring.ipynb #227c3a25
+# %% ../nbs/08_scoring.ipynb #a77be524
 class BadRows(DataError):
     "Rows that could not be scored (`on_error='fail'`); `rows` maps 1-based row numbers to reasons."
     def __init__(self, where, rows):
@@ -233,7 +225,7 @@ def _write_bad_rows(rows, path):
     "CSV of (row, reason) at local `path`."
     pcsv.write_csv(pa.table({'row': pa.array(sorted(rows), pa.int64()), 'reason': [rows[r] for r in sorted(rows)]}), path)
 
-# %% ../nbs/08_scoring.ipynb #ff252d51
+# %% ../nbs/08_scoring.ipynb #eab1d7d2
 def local_engine(path, served, rows, id_column, where):
     "(answers, {row index in chunk: reason}, rows in chunk) of each chunk of local `path`, scored in this process."
     for t in read_chunks(path, rows, id_column, where):
@@ -283,7 +275,7 @@ def score_file(input, output, store=None, version=None, on_error='skip', rows=No
             'bad_rows_file': sidecar(output) if bad else None, 'model_version': served.version, 'runtime': served.runtime,
             'engine': engine, 'seconds': round(time.perf_counter() - start, 3)}
 
-# %% ../nbs/08_scoring.ipynb #b95bc48d
+# %% ../nbs/08_scoring.ipynb #cbb00b84
 _PREPARED = {}  # in each worker process: (version, model SHA-256) -> ServedModel
 
 def _worker_model(model, manifest):
