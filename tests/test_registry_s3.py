@@ -5,7 +5,6 @@ from pathlib import Path
 
 import httpx
 import joblib
-import numpy as np
 import pytest
 from sklearn.dummy import DummyClassifier
 from sklearn.linear_model import LogisticRegression
@@ -15,9 +14,10 @@ from sklearn.preprocessing import StandardScaler
 from fraud_mlops.data import CI_SUBSET, resolve_path, time_split
 from fraud_mlops.modelling import features_and_labels
 from fraud_mlops.promotion import promote, rollback
-from fraud_mlops.registry import (ConflictError, IntegrityError, S3Store, StoreError, decided_versions, list_decisions,
+from fraud_mlops.registry import (IntegrityError, S3Store, StoreError, decided_versions, list_decisions,
                                   list_versions, load_champion, load_manifest, model_statuses, open_store, read_champion,
-                                  request_log, save_version, set_champion, sha256_hex)
+                                  request_log, save_version, sha256_hex)
+from test_cli import cli
 from test_end_to_end import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,11 +47,6 @@ def good(parts):
 def bundle(store, model, parts, threshold=0.5):
     "Save `model` with the CI test rows as a new version; return its id."
     return save_version(store, model, {'threshold': threshold, 'metrics': {'test': {}}}, parts[2], parts[3])['version']
-
-
-def cli(*args, env=None):
-    return subprocess.run([BIN/'fraud-mlops', *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
 
 
 def closed_port():

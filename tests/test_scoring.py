@@ -1,10 +1,8 @@
 """`fraud-mlops score` as users run it: the API's answers for the same rows, every model kind, bad rows and bad files,
 S3 input and output against a moto server, and the Dask engine (2 worker processes on loopback) giving the local
 engine's output, on the CI subset and on the full data."""
-import os, subprocess, sys
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -13,13 +11,7 @@ import pytest
 from fraud_mlops.data import FEATURES
 from fraud_mlops.registry import read_champion, s3_client, set_champion
 from fraud_mlops.scoring import OUTPUT_COLUMNS, score_file, sidecar
-
-BIN = Path(sys.executable).parent
-
-
-def cli(*args, env=None):
-    return subprocess.run([BIN/'fraud-mlops', 'score', *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+from test_cli import cli
 
 
 def champion(store, add_candidate, **params):
@@ -54,7 +46,7 @@ def test_scores_are_the_apis_answers_for_the_same_rows(kind, params, store, inpu
     X, y = df[FEATURES].to_numpy(), df.Class.to_numpy()
     v = save_version(store, make_model(kind, **params).fit(X[:6_000], y[:6_000]), {'threshold': 0.5}, X[:10], y[:10])['version']
     set_champion(store, v, None)
-    r = cli(d/'ci.csv', tmp_path/'out.csv', '--store', store.root, '--chunk-rows', '3000')
+    r = cli('score', d/'ci.csv', tmp_path/'out.csv', '--store', store.root, '--chunk-rows', '3000')
     assert r.returncode == 0 and r.stdout.startswith(f'scored 10,000 of 10,000 rows with model {v} (local'), r.stderr
     out = read(tmp_path/'out.csv')
     assert list(out.columns) == ['id', *OUTPUT_COLUMNS] and out.id.tolist() == df.id.tolist()
@@ -76,12 +68,12 @@ def test_bad_rows_are_skipped_and_listed_or_fail_the_job_with_nothing_written(st
     df, _ = inputs
     bad = df.astype({'V9': object}); bad.loc[0, 'Time'] = np.nan; bad.loc[6_001, 'V9'] = 'n/a'; bad.loc[7_000, 'Amount'] = -np.inf
     bad.to_csv(tmp_path/'bad.csv', index=False)
-    r = cli(tmp_path/'bad.csv', tmp_path/'out.parquet', '--store', store.root, '--chunk-rows', '2000')
+    r = cli('score', tmp_path/'bad.csv', tmp_path/'out.parquet', '--store', store.root, '--chunk-rows', '2000')
     assert r.returncode == 0 and 'scored 9,997 of 10,000 rows' in r.stdout
     assert "3 bad row(s) skipped (row 1: Time is missing or not finite; row 6002: V9 is not a number ('n/a'); row 7001: Amount" in r.stderr
     assert pd.read_csv(sidecar(tmp_path/'out.parquet')).row.tolist() == [1, 6_002, 7_001]
     assert read(tmp_path/'out.parquet').id.tolist() == [i for k, i in enumerate(df.id) if k not in (0, 6_001, 7_000)]
-    r = cli(tmp_path/'bad.csv', tmp_path/'fail.csv', '--store', store.root, '--on-error', 'fail')
+    r = cli('score', tmp_path/'bad.csv', tmp_path/'fail.csv', '--store', store.root, '--on-error', 'fail')
     assert r.returncode == 2 and 'bad row(s), nothing written: row 1: Time is missing or not finite' in r.stderr
     assert 'Traceback' not in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ['bad.csv', 'out.parquet', 'out.parquet.bad_rows.csv', 'registry']   # no fail.csv, no temp file
@@ -90,7 +82,7 @@ def test_bad_rows_are_skipped_and_listed_or_fail_the_job_with_nothing_written(st
 def test_bad_files_and_a_missing_model_are_clear_errors(store, add_candidate, inputs, tmp_path):
     "Each refusal exits 2 with one line saying what is wrong, and leaves no output behind."
     _, d = inputs
-    r = cli(d/'ci.csv', tmp_path/'o.csv', '--store', store.root)
+    r = cli('score', d/'ci.csv', tmp_path/'o.csv', '--store', store.root)
     assert r.returncode == 2 and 'has no champion yet' in r.stderr
     champion(store, add_candidate)
     (tmp_path/'cols.csv').write_text('Time,V1,Amount\n1,2,3\n')
@@ -101,9 +93,9 @@ def test_bad_files_and_a_missing_model_are_clear_errors(store, add_candidate, in
                          (tmp_path/'text.parquet', 'not a readable Parquet file'),
                          (tmp_path/'missing.csv', 'missing.csv: no such file'),
                          (tmp_path/'x.json', 'cannot tell the format')]:
-        r = cli(src, tmp_path/'o.csv', '--store', store.root)
+        r = cli('score', src, tmp_path/'o.csv', '--store', store.root)
         assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, (src, r.stderr)
-    r = cli(d/'ci.csv', tmp_path/'o.csv', '--store', store.root, '--version', 'nope')
+    r = cli('score', d/'ci.csv', tmp_path/'o.csv', '--store', store.root, '--version', 'nope')
     assert r.returncode == 2 and 'version nope not found' in r.stderr
     assert not (tmp_path/'o.csv').exists() and not [p for p in tmp_path.iterdir() if p.name.startswith('.')]
 
@@ -119,18 +111,18 @@ def test_s3_input_and_output_through_a_moto_server(s3_uri, add_candidate, inputs
     s3.upload_file(str(d/'ci.csv'), bucket, 'in/ci.csv')
     bad = df.copy(); bad.loc[42, 'V3'] = np.nan; bad.to_parquet(tmp_path/'bad.parquet', index=False)
     s3.upload_file(str(tmp_path/'bad.parquet'), bucket, 'in/bad.parquet')
-    r = cli(f's3://{bucket}/in/ci.csv', f's3://{bucket}/out/ci.parquet', '--store', s3_uri)
+    r = cli('score', f's3://{bucket}/in/ci.csv', f's3://{bucket}/out/ci.parquet', '--store', s3_uri)
     assert r.returncode == 0 and f'with model {v}' in r.stdout, r.stderr
     s3.download_file(bucket, 'out/ci.parquet', str(tmp_path/'s3.parquet'))
     assert score_file(d/'ci.csv', tmp_path/'local.parquet', s3_uri, progress=False)['model_version'] == v
     pd.testing.assert_frame_equal(read(tmp_path/'s3.parquet'), read(tmp_path/'local.parquet'))
-    r = cli(f's3://{bucket}/in/bad.parquet', f's3://{bucket}/out/bad.csv', '--store', s3_uri)
+    r = cli('score', f's3://{bucket}/in/bad.parquet', f's3://{bucket}/out/bad.csv', '--store', s3_uri)
     assert r.returncode == 0 and '1 bad row(s) skipped (row 43: V3 is missing or not finite)' in r.stderr
     listed = s3.get_object(Bucket=bucket, Key='out/bad.csv.bad_rows.csv')['Body'].read().decode()
     assert listed.splitlines()[1:] == ['43,"V3 is missing or not finite"']
-    r = cli(f's3://{bucket}/in/bad.parquet', f's3://{bucket}/out/never.csv', '--store', s3_uri, '--on-error', 'fail')
+    r = cli('score', f's3://{bucket}/in/bad.parquet', f's3://{bucket}/out/never.csv', '--store', s3_uri, '--on-error', 'fail')
     assert r.returncode == 2 and 'row 43' in r.stderr
-    r = cli(f's3://{bucket}/in/nope.csv', f's3://{bucket}/out/nope.csv', '--store', s3_uri)
+    r = cli('score', f's3://{bucket}/in/nope.csv', f's3://{bucket}/out/nope.csv', '--store', s3_uri)
     assert r.returncode == 2 and f's3://{bucket}/in/nope.csv: no such object' in r.stderr
     keys = [o['Key'] for o in s3.list_objects_v2(Bucket=bucket, Prefix='out/')['Contents']]
     assert keys == ['out/bad.csv', 'out/bad.csv.bad_rows.csv', 'out/ci.parquet']
@@ -165,7 +157,7 @@ def test_dask_engine_gives_the_local_engines_output(cluster, store, add_candidat
                               progress=False, quiet=True)
             assert (dist['rows'], dist['bad_rows']) == (local['rows'], local['bad_rows']) == (10_000, 2 if src.name == 'bad.csv' else 0)
             same_output(tmp_path/f'dask.{fmt}', tmp_path/f'local.{fmt}')
-    r = cli(tmp_path/'bad.csv', tmp_path/'none.csv', '--store', store.root, '--scheduler', cluster, '--on-error', 'fail')
+    r = cli('score', tmp_path/'bad.csv', tmp_path/'none.csv', '--store', store.root, '--scheduler', cluster, '--on-error', 'fail')
     assert r.returncode == 2 and "row 4: V2 is not a number ('x')" in r.stderr and not (tmp_path/'none.csv').exists()
 
 
@@ -176,7 +168,7 @@ def test_dask_engine_starts_its_own_cluster_and_reads_s3_parquet(s3_uri, add_can
     v = champion(store, add_candidate)
     df, d = inputs
     s3_client().upload_file(str(d/'ci.parquet'), store.bucket, 'in/ci.parquet')
-    r = cli(f's3://{store.bucket}/in/ci.parquet', tmp_path/'dask.parquet', '--store', s3_uri, '--engine', 'dask', '--chunk-rows', '2500')
+    r = cli('score', f's3://{store.bucket}/in/ci.parquet', tmp_path/'dask.parquet', '--store', s3_uri, '--engine', 'dask', '--chunk-rows', '2500')
     assert r.returncode == 0 and f'scored 10,000 of 10,000 rows with model {v} (dask' in r.stdout, r.stderr
     score_file(d/'ci.parquet', tmp_path/'local.parquet', s3_uri, progress=False)
     same_output(tmp_path/'dask.parquet', tmp_path/'local.parquet')

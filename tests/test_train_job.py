@@ -1,9 +1,8 @@
 "The training job run the way users run it: papermill on nbs/03_train.ipynb, and the `fraud-mlops train` command."
-import json, os, subprocess, sys
+import json, subprocess, sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from fraud_mlops.data import CI_SUBSET, file_sha256, resolve_path, FEATURES
 from fraud_mlops.registry import list_versions, load_evaluation, load_manifest, load_model, sha256_hex
