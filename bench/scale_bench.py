@@ -6,7 +6,8 @@ chooses the sizes. Each run is a fresh process,
 so its peak RSS is its own; on the cluster the workers' peak RSS is read from each worker before it stops. The model
 is the default LightGBM candidate trained on the full data (all of it: this measures speed, not quality).
 
-Printed: the model step alone (feature transform and trees, the API's runtime, on one chunk), then for each input
+Printed: the model step alone (feature transform and trees, the API's runtime, on one chunk, against LightGBM's own
+Booster.predict on the same chunk and threads, with a bit-for-bit check), then for each input
 rows/s end to end (Parquet to Parquet) and peak RSS, with ratios to 1x: flat memory means a ratio near 1.
 """
 import json, os, subprocess, sys, tempfile, time
@@ -73,10 +74,15 @@ def main():
     from fraud_mlops.scoring import scoring_model
     served = scoring_model(store)
     chunk = X[np.arange(CHUNK) % len(X)]
-    served.predict(chunk)
+    got = served.predict(chunk)
     best = min(_timed(served.predict, chunk) for _ in range(5))
+    features, booster = served.model.steps[0][1], served.model.steps[1][1].booster_
+    lightgbm = lambda rows: booster.predict(features.transform(rows), num_threads=2)  # LightGBM's own runtime, same threads
+    same = got.tobytes() == lightgbm(chunk).tobytes()
+    ref = min(_timed(lightgbm, chunk) for _ in range(5))
     print(f"model step ({served.runtime}, features + trees, {CHUNK:,}-row chunk, best of 5): "
-          f"{CHUNK / best:,.0f} rows/s (target >= 1,000,000)")
+          f"{CHUNK / best:,.0f} rows/s (target >= 1,000,000); LightGBM's Booster.predict in the same run "
+          f"{CHUNK / ref:,.0f} rows/s: {ref / best:.2f}x; probabilities {'bit-identical' if same else 'DIFFER'}")
 
     rows, results = {}, []
     for copies in COPIES:

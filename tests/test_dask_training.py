@@ -31,7 +31,7 @@ def test_the_dask_fit_is_an_ordinary_candidate_served_by_the_fast_path(dask_run)
     assert manifest['params']['engine'] == 'dask' and manifest['model_kind'] == 'lgbm'
     assert [type(s).__name__ for _, s in model.steps] == ['FraudFeatures', 'LGBMClassifier']
     served = prepare_model(model, manifest)
-    assert served.runtime == 'lightgbm-c-api'
+    assert served.runtime == 'lightgbm-quickscorer'
     X, y = load_evaluation(store, manifest)
     assert np.abs(served.predict(X) - model.predict_proba(X)[:, 1]).max() <= 1e-9
 

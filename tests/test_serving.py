@@ -403,7 +403,7 @@ def test_fast_parser_accepts_what_pydantic_accepts(client, model, body):
 
 
 def test_default_model_runtime_matches_pipeline(store, monkeypatch, ci_df, add_candidate):
-    "The shipped default (a real trained LightGBM candidate) is served by the C API runtime with predict_proba's probabilities."
+    "The shipped default (a real trained LightGBM candidate) is served by QuickScorer (batches) and the C API (single rows) with predict_proba's probabilities."
     from fraud_mlops import serving
     from fraud_mlops.registry import load_model
     v = add_candidate(store, n_estimators=60)
@@ -412,7 +412,7 @@ def test_default_model_runtime_matches_pipeline(store, monkeypatch, ci_df, add_c
     X = ci_df[FEATURES].to_numpy()
     pipeline = load_model(store, v)[0]
     with TestClient(app) as c:
-        assert serving.state.served.runtime == 'lightgbm-c-api'
+        assert serving.state.served.runtime == 'lightgbm-quickscorer'
         want = pipeline.predict_proba(X[:200])[:, 1]
         batch = c.post('/predict/batch', json={'instances': X[:200].tolist()}).json()['predictions']
         singles = [c.post('/predict', json={'features': x.tolist()}).json()['fraud_probability'] for x in X[:50]]

@@ -123,7 +123,7 @@ def test_runtime_matches_the_pipeline_on_the_ci_subset(models, data):
     X, _ = data
     for m in models:
         name, fast = fast_predictor(m)
-        assert name == 'lightgbm-c-api'
+        assert name == 'lightgbm-quickscorer'
         want = m.predict_proba(X)[:, 1]
         for got in (fast(X), np.array([fast(X[i:i + 1])[0] for i in range(len(X))])):
             assert np.abs(got - want).max() <= TOLERANCE
