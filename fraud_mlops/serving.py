@@ -10,15 +10,16 @@ __all__ = ['EXAMPLE_FEATURES', 'log', 'PARALLEL_ROWS', 'BATCH_THREADS', 'TOLERAN
            'Transaction', 'Batch', 'Scored', 'Prediction', 'BatchPrediction', 'Status', 'Ready', 'Reloaded', 'Error',
            'explain_error', 'explain_errors', 'BadRequest', 'is_json_type', 'simd_batch', 'parse_rows',
            'ServingMetrics', 'AccessLog', 'env_number', 'max_batch_rows', 'ServingState', 'refresh', 'poll_champion',
-           'pin_threads', 'lifespan', 'observe', 'invalid_request', 'served', 'status', 'live', 'ready',
+           'pin_threads', 'lifespan', 'ServingAPI', 'observe', 'invalid_request', 'served', 'status', 'live', 'ready',
            'model_manifest', 'metrics', 'read_body', 'batch_json', 'score_one', 'score_batch', 'predict',
            'predict_batch', 'direct_scoring', 'openapi', 'require_admin', 'reload', 'serve']
 
-# %% ../nbs/06_serving.ipynb #1745d8b5
+# %% ../nbs/06_serving.ipynb #14382008
 import asyncio, hmac, json, logging, os, sys, threading, time
 from bisect import bisect_left
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
@@ -40,14 +41,14 @@ from .quickscorer import QuickScorer, Unsupported, forest_tables
 from .registry import (IntegrityError, NoChampion, StoreError, load_champion, open_store, read_champion,
                                   store_uri)
 
-# %% ../nbs/06_serving.ipynb #4c1af98f
+# %% ../nbs/06_serving.ipynb #0617d7ce
 EXAMPLE_FEATURES = [0.0, -1.3598071336738, -0.0727811733098497, 2.53634673796914, 1.37815522427443, -0.338320769942518,
     0.462387777762292, 0.239598554061257, 0.0986979012610507, 0.363786969611213, 0.0907941719789316, -0.551599533260813,
     -0.617800855762348, -0.991389847235408, -0.311169353699879, 1.46817697209427, -0.470400525259478, 0.207971241929242,
     0.0257905801985591, 0.403992960255733, 0.251412098239705, -0.018306777944153, 0.277837575558899, -0.110473910188767,
     0.0669280749146731, 0.128539358273528, -0.189114843888824, 0.133558376740387, -0.0210530534538215, 149.62]
 
-# %% ../nbs/06_serving.ipynb #fc32a2be
+# %% ../nbs/06_serving.ipynb #0994cd91
 def single_threaded(model):
     "Set every `*n_jobs` parameter of `model` (an estimator or pipeline) to 1; return `model`."
     params = {k: 1 for k in model.get_params() if k.endswith('n_jobs')}
@@ -61,7 +62,7 @@ def _is_lgbm_default(model):
     est = steps[1][1]
     return type(est).__name__ == 'LGBMClassifier' and getattr(est, 'n_classes_', None) == 2 and hasattr(est, 'booster_')
 
-# %% ../nbs/06_serving.ipynb #5a174edf
+# %% ../nbs/06_serving.ipynb #cb234558
 log = logging.getLogger('fraud_mlops.serving')
 
 def _free_config(lib, handle, booster):
@@ -118,10 +119,10 @@ def fast_predictor(model, threads=BATCH_THREADS):
         except Exception as e: log.warning('LightGBM fast path unavailable (%r): serving through predict_proba', e)
     return 'sklearn-pipeline', lambda rows: model.predict_proba(rows)[:, 1]
 
-# %% ../nbs/06_serving.ipynb #b56e4e6b
+# %% ../nbs/06_serving.ipynb #075c96cd
 TOLERANCE = 1e-9  # largest |fast runtime - predict_proba| accepted on the smoke rows
 
-# %% ../nbs/06_serving.ipynb #0abfda13
+# %% ../nbs/06_serving.ipynb #f645bd74
 class ServingError(Exception):
     "A champion that loads but cannot serve; the message says why."
 
@@ -138,7 +139,7 @@ class ServedModel:
 
 SMOKE_ROWS = np.array([[0.0] * 30, EXAMPLE_FEATURES, [172_792.0] + [-5.0] * 28 + [25_691.16], [86_400.0] + [3.0] * 28 + [0.0]])
 
-# %% ../nbs/06_serving.ipynb #31e32399
+# %% ../nbs/06_serving.ipynb #b260e233
 def prepare_model(model, manifest, threads=BATCH_THREADS):
     "Check, single-thread, smoke-test and warm up `model` (`threads` for large batches); return it with its manifest as one `ServedModel`."
     version = manifest.get('version')
@@ -162,7 +163,7 @@ def prepare_model(model, manifest, threads=BATCH_THREADS):
     predict(SMOKE_ROWS[:1])  # warm the single-row path
     return ServedModel(model, manifest, version, threshold, predict, runtime, datetime.now(timezone.utc).isoformat(timespec='seconds'))
 
-# %% ../nbs/06_serving.ipynb #a15fbf71
+# %% ../nbs/06_serving.ipynb #47359f2a
 LOAD_ERRORS = (StoreError, ServingError)  # what "cannot serve this" looks like; anything else is a bug
 
 def next_model(uri=None, current=None, seen_tag=None):
@@ -177,7 +178,7 @@ def next_model(uri=None, current=None, seen_tag=None):
         e.tag = tag  # what the caller should not try again until the pointer changes
         raise
 
-# %% ../nbs/06_serving.ipynb #80104521
+# %% ../nbs/06_serving.ipynb #ca1a8ea7
 Number = Annotated[float, Strict(), AllowInfNan(False)]  # a JSON number (int or float), finite
 Row = Annotated[list[Number], Field(min_length=len(FEATURES), max_length=len(FEATURES),
                                     description='Time, V1..V28, Amount, in that order')]
@@ -192,7 +193,7 @@ class Batch(BaseModel):
     model_config = ConfigDict(json_schema_extra={'examples': [{'instances': [EXAMPLE_FEATURES, EXAMPLE_FEATURES]}]})
     instances: Annotated[list[Row], Field(min_length=1, description='one row of 30 numbers per transaction')]
 
-# %% ../nbs/06_serving.ipynb #b4a3f303
+# %% ../nbs/06_serving.ipynb #43a42e10
 Label = Literal['legit', 'fraud']
 
 class Scored(BaseModel):
@@ -234,7 +235,7 @@ class Error(BaseModel):
     "Every error answer: one sentence saying what went wrong."
     detail: str
 
-# %% ../nbs/06_serving.ipynb #cf59fd0c
+# %% ../nbs/06_serving.ipynb #414e30a3
 ROW_TEXT = f'exactly {len(FEATURES)} numbers ({FEATURES[0]}, {FEATURES[1]}..{FEATURES[-2]}, {FEATURES[-1]})'
 
 def _where(loc):
@@ -277,7 +278,7 @@ def explain_errors(errors, limit=3):
     more = f'; and {len(msgs) - limit} more problems' if len(msgs) > limit else ''
     return '; '.join(msgs[:limit]) + more
 
-# %% ../nbs/06_serving.ipynb #96a79735
+# %% ../nbs/06_serving.ipynb #115144cb
 class BadRequest(Exception):
     "A request refused with `status` (422 or 413) and a one-sentence `detail`."
     def __init__(self, detail, status=422): super().__init__(detail); self.detail, self.status = detail, status
@@ -345,7 +346,7 @@ def parse_rows(body, content_type=None, single=True, max_rows=1):
                 if np.isfinite(a).all(): return a.reshape(-1, len(FEATURES))
     return _slow_rows(body, single, max_rows)
 
-# %% ../nbs/06_serving.ipynb #2949b1c9
+# %% ../nbs/06_serving.ipynb #3eb8ecc6
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PROBABILITY_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
@@ -403,7 +404,7 @@ class ServingMetrics:
         yield info
         if s: yield GaugeMetricFamily('fraud_mlops_model_threshold', 'Decision threshold of the served model.', value=s.threshold)
 
-# %% ../nbs/06_serving.ipynb #806b3de5
+# %% ../nbs/06_serving.ipynb #04935ec5
 class AccessLog:
     "JSON lines buffered in memory and written to `stream` (a binary file) every `every` seconds or `lines` lines."
     def __init__(self, stream=None, every=0.05, lines=512):
@@ -426,7 +427,7 @@ class AccessLog:
         try: stream.write(data); stream.flush()
         except Exception: pass  # a closed or missing stdout must not break serving
 
-# %% ../nbs/06_serving.ipynb #b57380e9
+# %% ../nbs/06_serving.ipynb #364e3a1b
 DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY, SINGLE_MAX_BODY, DEFAULT_POLL_SECONDS = 100_000, 64 << 20, 64 << 10, 10.0
 
 def env_number(name, default, kind=int, zero=False):
@@ -475,7 +476,7 @@ class ServingState:
                  AccessLog() if _flag('FRAUD_MLOPS_ACCESS_LOG', '1') else None, _flag('FRAUD_MLOPS_LOG_FEATURES', '0'))
         return st
 
-# %% ../nbs/06_serving.ipynb #965333ef
+# %% ../nbs/06_serving.ipynb #6bbd733e
 PERMANENT = (IntegrityError, ServingError)  # a bad bundle: not worth fetching again until the pointer changes
 
 async def refresh(st, force=False):
@@ -500,7 +501,7 @@ async def refresh(st, force=False):
         log.info('fraud-mlops now serves version %s (%s runtime; was %s)', new.version, new.runtime, old_version)
         return True, old_version
 
-# %% ../nbs/06_serving.ipynb #c65658a4
+# %% ../nbs/06_serving.ipynb #01a0679b
 async def poll_champion(st):
     "Forever: check the champion pointer of `st.store` every `st.poll` seconds (backing off from 0.5 s while not ready)."
     delay = min(0.5, st.poll)
@@ -513,7 +514,7 @@ async def poll_champion(st):
         except Exception: log.exception('champion check crashed')
         delay = min(delay * 2, st.poll) if st.served is None else min(0.5, st.poll)
 
-# %% ../nbs/06_serving.ipynb #4590c895
+# %% ../nbs/06_serving.ipynb #b6d1b3a2
 state = ServingState(store_uri())  # this worker's state: one object, reset when the app starts
 
 def pin_threads():
@@ -538,10 +539,16 @@ async def lifespan(app):
         if st.poller is not None: st.poller.cancel()
         if st.access_log is not None: st.access_log.flush()
 
-app = FastAPI(title='fraud-mlops', version=__version__, lifespan=lifespan,
-              description='Credit-card fraud scores from the champion model of the registry.')
+class ServingAPI(FastAPI):
+    "FastAPI whose every call goes through `front` (set below: `observe` around `direct_scoring`) before its own stack."
+    front = None
+    async def __call__(self, scope, receive, send):
+        await (self.front or super().__call__)(scope, receive, send)
 
-# %% ../nbs/06_serving.ipynb #bdb2401d
+app = ServingAPI(title='fraud-mlops', version=__version__, lifespan=lifespan,
+                 description='Credit-card fraud scores from the champion model of the registry.')
+
+# %% ../nbs/06_serving.ipynb #0782c09b
 _ROUTES = frozenset(('/', '/health/live', '/health/ready', '/predict', '/predict/batch', '/reload', '/model', '/metrics',
                      '/docs', '/openapi.json'))
 
@@ -575,7 +582,7 @@ def observe(asgi):
                 st.access_log.add(rec)
     return middleware
 
-# %% ../nbs/06_serving.ipynb #0e4f45a3
+# %% ../nbs/06_serving.ipynb #f2731626
 _ERRORS = {422: {'model': Error, 'description': 'Invalid input; the detail says what is wrong'},
            413: {'model': Error, 'description': 'Body or batch over the limit'},
            503: {'model': Error, 'description': 'No model loaded; the detail says why'}}
@@ -591,7 +598,7 @@ def served():
     if s is None: raise HTTPException(503, f'no model loaded: {state.reason}')
     return s
 
-# %% ../nbs/06_serving.ipynb #c059943f
+# %% ../nbs/06_serving.ipynb #e7925272
 @app.get('/', response_model=Status)
 async def status():
     "What this worker serves, from which store, or why it is not ready."
@@ -621,7 +628,7 @@ async def metrics():
     from prometheus_client import generate_latest
     return Response(generate_latest(state.registry), media_type='text/plain; version=0.0.4; charset=utf-8')
 
-# %% ../nbs/06_serving.ipynb #7f46bb58
+# %% ../nbs/06_serving.ipynb #64518cef
 _LABELS = ('legit', 'fraud')
 INLINE_ROWS = 64  # batches up to this size score on the event loop
 
@@ -708,10 +715,9 @@ def direct_scoring(asgi):
         await response(scope, receive, send)
     return middleware
 
-app.add_middleware(direct_scoring)
-app.add_middleware(observe)  # outermost: it times, counts and logs the direct answers too
+app.front = observe(direct_scoring(partial(FastAPI.__call__, app)))  # observe outermost: it times, counts and logs every answer
 
-# %% ../nbs/06_serving.ipynb #eb2548cc
+# %% ../nbs/06_serving.ipynb #fa33b1c9
 def openapi():
     "The OpenAPI schema, with the `Transaction` and `Batch` body models that the scoring endpoints document."
     if app.openapi_schema is None:
@@ -723,7 +729,7 @@ def openapi():
 
 app.openapi = openapi
 
-# %% ../nbs/06_serving.ipynb #8bbc9158
+# %% ../nbs/06_serving.ipynb #36c72383
 _bearer = HTTPBearer(auto_error=False, description='FRAUD_MLOPS_ADMIN_TOKEN')
 
 async def require_admin(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]):
@@ -734,7 +740,7 @@ async def require_admin(credentials: Annotated[HTTPAuthorizationCredentials | No
         raise HTTPException(401, 'missing or wrong admin token (send Authorization: Bearer <token>)',
                             headers={'WWW-Authenticate': 'Bearer'})
 
-# %% ../nbs/06_serving.ipynb #fc4dd061
+# %% ../nbs/06_serving.ipynb #38428061
 @app.post('/reload', response_model=Reloaded, dependencies=[Depends(require_admin)],
           responses={401: {'model': Error}, 403: {'model': Error}, 503: _ERRORS[503]})
 async def reload():
@@ -747,7 +753,7 @@ async def reload():
         raise HTTPException(503, f'reload failed, still serving version {s.version}: {e}') from None
     return {'reloaded': reloaded, 'model_version': state.served.version, 'previous_version': old_version}
 
-# %% ../nbs/06_serving.ipynb #ae97065a
+# %% ../nbs/06_serving.ipynb #8ec066b2
 def serve(host='127.0.0.1', port=8000, workers=1):
     "Run the API with uvicorn on `host`:`port` with `workers` processes."
     import uvicorn
