@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['MAX_LEAVES', 'ALL', 'score_rows', 'Unsupported', 'ForestTables', 'forest_tables', 'QuickScorer']
 
-# %% ../nbs/06a_quickscorer.ipynb #3f6f68dd
+# %% ../nbs/06a_quickscorer.ipynb #6f3e2fb3
 import math, os, threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit
 from numba.cpython.unsafe.numbers import trailing_zeros
 
-# %% ../nbs/06a_quickscorer.ipynb #fb4284bb
+# %% ../nbs/06a_quickscorer.ipynb #9b06305a
 MAX_LEAVES = 32
 ALL = 0xFFFF_FFFF
 
@@ -35,7 +35,7 @@ class ForestTables:
     @property
     def trees(self): return len(self.full)
 
-# %% ../nbs/06a_quickscorer.ipynb #51a403c3
+# %% ../nbs/06a_quickscorer.ipynb #8ae0dcfd
 def _sigmoid(objective):
     "The sigmoid factor of LightGBM's `objective` string if it is plain binary log loss; else `Unsupported`."
     name, *params = (objective or '').split()
@@ -63,7 +63,7 @@ def _leaves_and_splits(root, tree):
     walk(root)
     return leaves, splits
 
-# %% ../nbs/06a_quickscorer.ipynb #bf6664e5
+# %% ../nbs/06a_quickscorer.ipynb #0fa8fb25
 def forest_tables(booster, iterations=-1):
     "QuickScorer tables of a binary LightGBM `booster` (its first `iterations`, all if <= 0); `Unsupported` says why not."
     dump = booster.dump_model(num_iteration=iterations)
@@ -88,7 +88,7 @@ def forest_tables(booster, iterations=-1):
     return ForestTables(np.array(start, np.int64), np.array(threshold, np.float64), np.array(node, np.uint64),
                         np.array(full, np.uint32), np.array(leaf_start, np.int32), np.array(leaf_value, np.float64), sigmoid)
 
-# %% ../nbs/06a_quickscorer.ipynb #9b70a852
+# %% ../nbs/06a_quickscorer.ipynb #fb11fde7
 def _score_rows(rows, derived, source, start, threshold, node, full, leaf_start, leaf_value, sigmoid, out):
     "Write P(class 1) of every row to `out`; column j of the model is rows[:, c] for c = source[j] >= 0, else derived[:, ~c]."
     n, trees, features = rows.shape[0], full.shape[0], source.shape[0]
@@ -117,7 +117,7 @@ def _compile(f):
 
 score_rows = _compile(_score_rows)
 
-# %% ../nbs/06a_quickscorer.ipynb #52002457
+# %% ../nbs/06a_quickscorer.ipynb #5a02ae6e
 _pool, _pool_lock = None, threading.Lock()
 
 def _threads_pool():
