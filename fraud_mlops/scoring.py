@@ -9,7 +9,7 @@ __all__ = ['CHUNK_ROWS', 'ID_COLUMN', 'OUTPUT_COLUMNS', 'LABELS', 'chunk_rows', 
            'describe_bad_rows', 'sidecar', 'local_engine', 'score_file', 'arrow_filesystem', 'dask_client',
            'close_dask', 'dask_engine']
 
-# %% ../nbs/08_scoring.ipynb #472ff9c7
+# %% ../nbs/08_scoring.ipynb #a60bae73
 import os, secrets, sys, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from .data import FEATURES, DataError
 from .registry import Missing, S3Store, load_champion, load_model, open_store, parse_s3_uri, s3_endpoint
 
-# %% ../nbs/08_scoring.ipynb #35559dc6
+# %% ../nbs/08_scoring.ipynb #38164b5e
 CHUNK_ROWS = 250_000      # default rows per chunk (FRAUD_MLOPS_CHUNK_ROWS overrides)
 ID_COLUMN = 'id'          # kept in the output when the input has it
 OUTPUT_COLUMNS = ['fraud_probability', 'prediction', 'model_version']
@@ -44,7 +44,7 @@ def file_format(path):
     if name.endswith(('.parquet', '.pq')): return 'parquet'
     raise DataError(f"{path}: cannot tell the format from the name; use a .csv or .parquet file")
 
-# %% ../nbs/08_scoring.ipynb #f74a1add
+# %% ../nbs/08_scoring.ipynb #36da2892
 def _as_float(col):
     "(float64 numpy array, mask of values that are not numbers) of an Arrow column; nulls become NaN."
     if pa.types.is_floating(col.type) or pa.types.is_integer(col.type):
@@ -70,7 +70,7 @@ def feature_matrix(table):
         bad |= new
     return X, bad, dict(sorted(reasons.items()))
 
-# %% ../nbs/08_scoring.ipynb #8352841d
+# %% ../nbs/08_scoring.ipynb #321816e6
 def check_feature_columns(names, where):
     "Raise `DataError` unless `names` hold every feature column."
     missing = [c for c in FEATURES if c not in names]
@@ -131,10 +131,10 @@ def read_chunks(path, rows=None, id_column=ID_COLUMN, where=None):
             if n == rows: yield pa.Table.from_batches(buf); buf, n = [], 0
     if n: yield pa.Table.from_batches(buf)
 
-# %% ../nbs/08_scoring.ipynb #94e68afb
+# %% ../nbs/08_scoring.ipynb #7038ecc5
 def scoring_model(store=None, version=None):
     "The `ServedModel` of the champion (or of `version`) of `store`, prepared exactly as the API prepares it."
-    from fraud_mlops.serving import prepare_model
+    from fraud_mlops.runtime import prepare_model
     s = open_store(store)
     return prepare_model(*(load_model(s, version) if version else load_champion(s)))
 
@@ -160,7 +160,7 @@ def score_table(served, table, id_column=ID_COLUMN):
     if id_column in table.column_names: ids = table.column(id_column).filter(pa.array(~bad)) if reasons else table.column(id_column)
     return answer_table(p, fraud, served.version, ids, id_column), reasons
 
-# %% ../nbs/08_scoring.ipynb #fb9c9f25
+# %% ../nbs/08_scoring.ipynb #3e498451
 def is_s3(path): return str(path).lower().startswith('s3://')
 
 def s3_object(uri):
@@ -193,7 +193,7 @@ def temporary_output(dest):
     if not folder.is_dir(): raise DataError(f"{dest}: folder {folder} does not exist")
     return folder/f'.{name}.{secrets.token_hex(4)}.tmp'
 
-# %% ../nbs/08_scoring.ipynb #a266dba3
+# %% ../nbs/08_scoring.ipynb #5955ddb5
 class AnswerWriter:
     "Append answer tables to the CSV or Parquet file `path`; `close` finishes it."
     def __init__(self, path, fmt): self.path, self.fmt, self.writer, self.rows = path, fmt, None, 0
@@ -206,7 +206,7 @@ class AnswerWriter:
     def close(self):
         if self.writer is not None: self.writer.close()
 
-# %% ../nbs/08_scoring.ipynb #bc7e06cc
+# %% ../nbs/08_scoring.ipynb #736c4e5a
 class BadRows(DataError):
     "Rows that could not be scored (`on_error='fail'`); `rows` maps 1-based row numbers to reasons."
     def __init__(self, where, rows):
@@ -225,7 +225,7 @@ def _write_bad_rows(rows, path):
     "CSV of (row, reason) at local `path`."
     pcsv.write_csv(pa.table({'row': pa.array(sorted(rows), pa.int64()), 'reason': [rows[r] for r in sorted(rows)]}), path)
 
-# %% ../nbs/08_scoring.ipynb #4dea52d3
+# %% ../nbs/08_scoring.ipynb #74f58aab
 def local_engine(path, served, rows, id_column, where):
     "(answers, {row index in chunk: reason}, rows in chunk) of each chunk of local `path`, scored in this process."
     for t in read_chunks(path, rows, id_column, where):
@@ -275,13 +275,13 @@ def score_file(input, output, store=None, version=None, on_error='skip', rows=No
             'bad_rows_file': sidecar(output) if bad else None, 'model_version': served.version, 'runtime': served.runtime,
             'engine': engine, 'seconds': round(time.perf_counter() - start, 3)}
 
-# %% ../nbs/08_scoring.ipynb #9b3d0f86
+# %% ../nbs/08_scoring.ipynb #bd668ac4
 _PREPARED = {}  # in each worker process: (version, model SHA-256) -> ServedModel
 
 def _worker_model(model, manifest):
     "This process's `ServedModel` for `manifest`'s version, prepared on first use."
     from distributed import get_worker
-    from fraud_mlops.serving import prepare_model
+    from fraud_mlops.runtime import prepare_model
     key = (manifest['version'], manifest['model']['sha256'])
     if key not in _PREPARED: _PREPARED.clear(); _PREPARED[key] = prepare_model(model, manifest, threads=get_worker().state.nthreads)
     return _PREPARED[key]

@@ -24,7 +24,7 @@ def dask_run(tmp_path_factory):
 
 def test_the_dask_fit_is_an_ordinary_candidate_served_by_the_fast_path(dask_run):
     "One complete version; its pipeline is FraudFeatures + a plain LGBMClassifier, which serving scores with LightGBM's C path."
-    from fraud_mlops.serving import prepare_model
+    from fraud_mlops.runtime import prepare_model
     store, _ = dask_run
     v, = list_versions(store)
     model, manifest = load_model(store, v)

@@ -5,7 +5,7 @@ import pytest
 from fraud_mlops.data import load_transactions
 from fraud_mlops.modelling import FEATURE_SOURCES, derived_features, features_and_labels, fit_model, make_model
 from fraud_mlops.quickscorer import QuickScorer, forest_tables
-from fraud_mlops.serving import prepare_model
+from fraud_mlops.runtime import prepare_model
 
 
 @pytest.fixture(scope='module')

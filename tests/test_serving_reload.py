@@ -11,7 +11,7 @@ import pytest
 from fraud_mlops.data import FEATURES, TARGET
 from fraud_mlops.modelling import make_model
 from fraud_mlops.registry import open_store, read_champion, save_version, set_champion
-from fraud_mlops.serving import EXAMPLE_FEATURES, TOLERANCE, fast_predictor
+from fraud_mlops.runtime import EXAMPLE_FEATURES, TOLERANCE, fast_predictor
 from test_end_to_end import free_port  # one loopback port helper for every real-server test
 
 TOKEN = 'reload-test-token'
