@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['MAX_LEAVES', 'ALL', 'score_rows', 'Unsupported', 'ForestTables', 'forest_tables', 'QuickScorer']
 
-# %% ../nbs/06a_quickscorer.ipynb #6f3e2fb3
+# %% ../nbs/06a_quickscorer.ipynb #24f98b3f
 import math, os, threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit
 from numba.cpython.unsafe.numbers import trailing_zeros
 
-# %% ../nbs/06a_quickscorer.ipynb #9b06305a
+# %% ../nbs/06a_quickscorer.ipynb #43065887
 MAX_LEAVES = 32
 ALL = 0xFFFF_FFFF
 
@@ -35,7 +35,7 @@ class ForestTables:
     @property
     def trees(self): return len(self.full)
 
-# %% ../nbs/06a_quickscorer.ipynb #8ae0dcfd
+# %% ../nbs/06a_quickscorer.ipynb #af58a7ca
 def _sigmoid(objective):
     "The sigmoid factor of LightGBM's `objective` string if it is plain binary log loss; else `Unsupported`."
     name, *params = (objective or '').split()
@@ -63,7 +63,7 @@ def _leaves_and_splits(root, tree):
     walk(root)
     return leaves, splits
 
-# %% ../nbs/06a_quickscorer.ipynb #0fa8fb25
+# %% ../nbs/06a_quickscorer.ipynb #c76cbbf0
 def forest_tables(booster, iterations=-1):
     "QuickScorer tables of a binary LightGBM `booster` (its first `iterations`, all if <= 0); `Unsupported` says why not."
     dump = booster.dump_model(num_iteration=iterations)
@@ -74,8 +74,9 @@ def forest_tables(booster, iterations=-1):
     by_feature = [[] for _ in range(dump['max_feature_idx'] + 1)]
     full, leaf_start, leaf_value = [], [], []
     for t, info in enumerate(dump['tree_info']):
+        if info['num_leaves'] > MAX_LEAVES:   # before walking it: a tree of thousands of leaves can be thousands deep
+            raise Unsupported(f"tree {t} has {info['num_leaves']} leaves; at most {MAX_LEAVES} are supported")
         leaves, splits = _leaves_and_splits(info['tree_structure'], t)
-        if len(leaves) > MAX_LEAVES: raise Unsupported(f"tree {t} has {len(leaves)} leaves; at most {MAX_LEAVES} are supported")
         full.append((1 << len(leaves)) - 1); leaf_start.append(len(leaf_value)); leaf_value += leaves
         for feature, threshold, first, left in splits:
             by_feature[feature].append((threshold, t << 32 | (ALL ^ (((1 << left) - 1) << first))))
@@ -88,7 +89,7 @@ def forest_tables(booster, iterations=-1):
     return ForestTables(np.array(start, np.int64), np.array(threshold, np.float64), np.array(node, np.uint64),
                         np.array(full, np.uint32), np.array(leaf_start, np.int32), np.array(leaf_value, np.float64), sigmoid)
 
-# %% ../nbs/06a_quickscorer.ipynb #fb11fde7
+# %% ../nbs/06a_quickscorer.ipynb #ff4020b7
 def _score_rows(rows, derived, source, start, threshold, node, full, leaf_start, leaf_value, sigmoid, out):
     "Write P(class 1) of every row to `out`; column j of the model is rows[:, c] for c = source[j] >= 0, else derived[:, ~c]."
     n, trees, features = rows.shape[0], full.shape[0], source.shape[0]
@@ -117,7 +118,7 @@ def _compile(f):
 
 score_rows = _compile(_score_rows)
 
-# %% ../nbs/06a_quickscorer.ipynb #5a02ae6e
+# %% ../nbs/06a_quickscorer.ipynb #c37763a5
 _pool, _pool_lock = None, threading.Lock()
 
 def _threads_pool():
@@ -143,7 +144,7 @@ class QuickScorer:
         derived = np.ascontiguousarray(self.derive(rows), dtype=np.float64) if self.derive else np.empty((len(rows), 0))
         out = np.empty(len(rows))
         cuts = np.linspace(0, len(rows), max(1, min(threads, len(rows))) + 1).astype(int)
-        parts = [(slice(a, b)) for a, b in zip(cuts[:-1], cuts[1:])]
+        parts = [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
         later = [_threads_pool().submit(self._slice, rows[s], derived[s], out[s]) for s in parts[1:]]
         self._slice(rows[parts[0]], derived[parts[0]], out[parts[0]])
         for f in later: f.result()

@@ -404,7 +404,7 @@ def test_fast_parser_accepts_what_pydantic_accepts(client, model, body):
 
 def test_default_model_runtime_matches_pipeline(store, monkeypatch, ci_df, add_candidate):
     "The shipped default (a real trained LightGBM candidate) is served by QuickScorer (batches) and the C API (single rows) with predict_proba's probabilities."
-    from fraud_mlops import serving
+    from fraud_mlops import runtime, serving
     from fraud_mlops.registry import load_model
     v = add_candidate(store, n_estimators=60)
     set_champion(store, v, None)
@@ -416,12 +416,12 @@ def test_default_model_runtime_matches_pipeline(store, monkeypatch, ci_df, add_c
         want = pipeline.predict_proba(X[:200])[:, 1]
         batch = c.post('/predict/batch', json={'instances': X[:200].tolist()}).json()['predictions']
         singles = [c.post('/predict', json={'features': x.tolist()}).json()['fraud_probability'] for x in X[:50]]
-        big = X[np.arange(serving.PARALLEL_ROWS) % len(X)]  # scored on BATCH_THREADS threads
+        big = X[np.arange(runtime.PARALLEL_ROWS) % len(X)]  # scored on BATCH_THREADS threads
         r = c.post('/predict/batch', json={'instances': big.tolist()})
         assert r.status_code == 200
         p_big = np.array([p['fraud_probability'] for p in r.json()['predictions']])
         p_one = serving.state.served.predict.booster.predict(pipeline.steps[0][1].transform(big), num_threads=1)
     assert p_big.tobytes() == p_one.tobytes()  # more threads, the very same probabilities
-    assert np.abs(p_big - pipeline.predict_proba(big)[:, 1]).max() <= serving.TOLERANCE
-    assert np.abs(np.array([p['fraud_probability'] for p in batch]) - want).max() <= serving.TOLERANCE
-    assert np.abs(np.array(singles) - want[:50]).max() <= serving.TOLERANCE
+    assert np.abs(p_big - pipeline.predict_proba(big)[:, 1]).max() <= runtime.TOLERANCE
+    assert np.abs(np.array([p['fraud_probability'] for p in batch]) - want).max() <= runtime.TOLERANCE
+    assert np.abs(np.array(singles) - want[:50]).max() <= runtime.TOLERANCE
