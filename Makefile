@@ -8,7 +8,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 export FRAUD_MLOPS_STORE ?= registry
 
-.PHONY: install data train promote serve run test lint lab bench bench-scale clean
+.PHONY: install data train promote serve run test lint lab bench bench-scale bench-quality clean
 
 $(STAMP): setup.py settings.ini
 	$(PY) -m venv $(VENV)
@@ -51,6 +51,9 @@ bench: install ## load-test the API on 127.0.0.1 against the seed's way of servi
 
 bench-scale: install ## file scoring at 1x, 4x and 16x the full data (rows replicated), in-process and on a 2-worker LocalCluster: rows/s, peak RSS
 	$(BIN)/python bench/scale_bench.py
+
+bench-quality: install ## detection quality on later data: the default against the seed's recipe at several time cuts (CUTS=s,s,...)
+	$(BIN)/python bench/quality_bench.py --data $(DATA) $(if $(CUTS),--cuts $(CUTS))
 
 lab: install ## JupyterLab on nbs/ with the package installed in editable mode
 	$(BIN)/jupyter lab --notebook-dir=nbs

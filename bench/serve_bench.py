@@ -43,7 +43,7 @@ def champion_store(uri, X, y, tmp):
     df = load_transactions(resolve_path(CI_SUBSET))
     r = train_candidate(df, n_boot=0, n_jobs=1)
     store = open_store(f'{tmp}/store', create=True)
-    m = save_version(store, r.model, build_manifest(r, CI_SUBSET, 'ci', len(df), int(df[TARGET].sum()), {}), r.eval_X, r.eval_y)
+    m = save_version(store, r.model, build_manifest(r, CI_SUBSET, 'ci', len(df), int(df[TARGET].sum()), {}), r.evidence['X'], r.evidence['y'], r.evidence['p'])
     set_champion(store, m['version'], None)
     return store.uri, f"default LightGBM trained on the CI subset ({len(df)} rows), version {m['version']}"
 

@@ -7,9 +7,9 @@ __all__ = ['S3_DEFAULTS', 'DEFAULT_STORE', 'SIGNING_KEY_VAR', 'CHAMPION', 'Store
            'IntegrityError', 'NoChampion', 'sha256_hex', 'LocalStore', 'who', 'utcnow', 's3_config', 's3_endpoint',
            's3_client', 'parse_s3_uri', 'S3Store', 'request_log', 'store_uri', 'open_store', 'signing_key',
            'canonical_json', 'key_id', 'sign_manifest', 'verify_manifest', 'new_version_id', 'save_version',
-           'list_versions', 'delete_version', 'load_manifest', 'model_from', 'load_model', 'load_evaluation',
-           'read_champion', 'set_champion', 'load_champion', 'record_decision', 'decided_versions', 'list_decisions',
-           'version_statuses', 'signature_status', 'model_statuses']
+           'list_versions', 'delete_version', 'load_manifest', 'model_from', 'load_model', 'load_evidence',
+           'load_evaluation', 'read_champion', 'set_champion', 'load_champion', 'record_decision', 'decided_versions',
+           'list_decisions', 'version_statuses', 'signature_status', 'model_statuses']
 
 # %% ../nbs/04_registry.ipynb #476444ac
 import getpass, hashlib, hmac, io, json, os, re, secrets, socket, time
@@ -373,15 +373,16 @@ def _npz_bytes(**arrays):
 def _joblib_bytes(obj):
     buf = io.BytesIO(); joblib.dump(obj, buf); return buf.getvalue()
 
-def save_version(store, model, manifest, eval_X, eval_y):
-    "Write `model`, its evaluation rows and `manifest` (signed if there is a key) as a new version; return the manifest."
+def save_version(store, model, manifest, eval_X, eval_y, eval_p=None):
+    "Write `model`, its evaluation rows (with `eval_p`, the candidate's own out-of-time P(fraud) of them) and `manifest` as a new version."
     version = new_version_id()
-    files = {'model.joblib': _joblib_bytes(model),
-             'eval.npz': _npz_bytes(X=np.asarray(eval_X, dtype='float64'), y=np.asarray(eval_y, dtype='int64'))}
+    arrays = {'X': np.asarray(eval_X, dtype='float64'), 'y': np.asarray(eval_y, dtype='int64')}
+    if eval_p is not None: arrays['p'] = np.asarray(eval_p, dtype='float64')
+    files = {'model.joblib': _joblib_bytes(model), 'eval.npz': _npz_bytes(**arrays)}
     manifest = {'created_at': utcnow(), **manifest, 'version': version,
                 'model': {'file': 'model.joblib', 'sha256': sha256_hex(files['model.joblib']), 'bytes': len(files['model.joblib'])},
                 'evaluation': {'file': 'eval.npz', 'sha256': sha256_hex(files['eval.npz']),
-                               'rows': int(len(eval_y)), 'frauds': int(np.sum(eval_y))}}
+                               'rows': int(len(eval_y)), 'frauds': int(np.sum(eval_y)), 'probabilities': eval_p is not None}}
     if key := signing_key(): manifest = sign_manifest(manifest, key)
     for name, data in files.items(): store.put(f'versions/{version}/{name}', data)
     store.put_new(f'versions/{version}/manifest.json', json.dumps(manifest, indent=1).encode())
@@ -436,10 +437,15 @@ def load_model(store, version):
     manifest = load_manifest(store, version)
     return model_from(store, manifest), manifest
 
+def load_evidence(store, manifest):
+    "{X, y[, p]}: the frozen evaluation rows of the version described by `manifest`, checked, with its own P(fraud) of them if stored."
+    data = _verified(store, manifest['version'], manifest['evaluation'])
+    with np.load(io.BytesIO(data), allow_pickle=False) as z: return {k: z[k] for k in z.files if k in ('X', 'y', 'p')}
+
 def load_evaluation(store, manifest):
     "(X, y): the frozen evaluation rows of the version described by `manifest`, checked."
-    data = _verified(store, manifest['version'], manifest['evaluation'])
-    with np.load(io.BytesIO(data), allow_pickle=False) as z: return z['X'], z['y']
+    ev = load_evidence(store, manifest)
+    return ev['X'], ev['y']
 
 # %% ../nbs/04_registry.ipynb #ca90da76
 CHAMPION = 'champion.json'

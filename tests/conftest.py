@@ -36,7 +36,7 @@ def add_candidate(ci_df):
         params = {'n_estimators': 20, 'n_jobs': 1, **params}
         r = train_candidate(ci_df, **params)
         m = build_manifest(r, CI_SUBSET, 'ci', len(ci_df), int(ci_df.Class.sum()), params)
-        return save_version(store, r.model, m, r.eval_X, r.eval_y)['version']
+        return save_version(store, r.model, m, r.evidence['X'], r.evidence['y'], r.evidence['p'])['version']
     return add
 
 

@@ -18,7 +18,8 @@ def dask_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('dask-train')
     subprocess.run([BIN/'papermill', ROOT/'nbs'/'03_train.ipynb', tmp/'out.ipynb', '-p', 'data_path', resolve_path(CI_SUBSET),
                     '-p', 'store', tmp/'store', '-p', 'engine', 'dask', '-p', 'partition_rows', '1500', '-p', 'compare_with', '',
-                    '-p', 'random_split_report', 'False', '-p', 'n_boot', '300'], check=True, capture_output=True, cwd=tmp)
+                    '-p', 'random_split_report', 'False', '-p', 'n_boot', '300',
+                    '-p', 'folds', '2', '-p', 'cv_folds', '2'], check=True, capture_output=True, cwd=tmp)
     return open_store(tmp/'store'), tmp/'out.ipynb'
 
 
@@ -42,7 +43,7 @@ def test_quality_is_reported_beside_the_in_process_fit_and_within_its_noise(dask
     m = load_manifest(store, list_versions(store)[0])
     rows = {r['model']: r for r in m['comparison']}
     assert list(rows) == ['lgbm (candidate)', 'lgbm in-process']
-    lo, hi = (float(x) for x in rows['lgbm in-process']['AUPRC [95% CI]'].split('[')[1].rstrip(']').split(','))
+    lo, hi = rows['lgbm in-process']['evidence_auprc_ci95']
     assert lo <= m['metrics']['test']['auprc'] <= hi
     text = ''.join(''.join(o.get('text', '')) for c in json.loads(notebook.read_text())['cells'] for o in c.get('outputs', []))
     assert 'Dask: 2 workers at tcp://127.0.0.1:' in text

@@ -25,24 +25,27 @@ def test_papermill_run_writes_a_complete_candidate(tmp_path):
     assert (m['data']['rows'], m['data']['frauds']) == (10_000, 492)
     assert m['params']['n_estimators'] == 30          # the papermill parameter reached the job
     assert m['features'] == FEATURES
-    assert m['protocol']['threshold_policy'] == 'f1' and m['protocol']['threshold_chosen_on'] == 'validation'
+    assert m['protocol']['name'] == 'rolling' and m['protocol']['threshold_policy'] == 'f1' and m['decision_rule']['policy'] == 'f1'
     assert m['model_kind'] == 'lgbm' and m['model_params']['n_estimators'] == 30
     for k in ('precision', 'recall', 'f1', 'auprc'):
         lo, hi = m['intervals']['test'][k]
         assert lo <= m['metrics']['test'][k] <= hi
-    assert [r['model'] for r in m['comparison']] == ['lgbm (candidate)', 'seed_rf (seed reference)', 'hgb']
+    assert [r['model'] for r in m['comparison']] == ['lgbm (candidate)', "seed_rf (seed's recipe)"]
+    assert all(isinstance(r['auprc'], float) and isinstance(r['f1'], float) for r in m['comparison'])   # numbers, not display text
     assert m['money']['alerts'] == m['metrics']['test']['tp'] + m['metrics']['test']['fp']
-    split = m['split']
-    assert split['train']['time_to'] < split['validation']['time_from'] <= split['validation']['time_to'] < split['test']['time_from']
-    assert sum(p['rows'] for p in split.values()) == 10_000
+    folds = m['rolling']['folds']
+    assert [f['fold'] for f in folds] == [1, 2, 3, 4] and m['rolling']['evidence_fold'] == 4
+    assert all(f['time_to'] < g['time_from'] for f, g in zip(folds, folds[1:]))          # windows follow each other in time
+    assert all(f['hindsight_f1'] >= f['f1'] for f in folds) and set(m['rolling']['rule_loss']) == {'f1', 'f1_max', 'holdout'}
+    assert abs(m['rolling']['mean']['f1'] - np.mean([f['f1'] for f in folds])) < 1e-12
+    assert m['split']['fit (served model)']['rows'] == 10_000                           # the served model fitted every row
     for key in ('precision', 'recall', 'f1', 'auprc', 'tp', 'fp', 'fn', 'tn'): assert key in m['metrics']['test']
     assert set(m['libraries']) >= {'python', 'scikit-learn', 'numpy', 'pandas', 'joblib'}
     assert m['model']['sha256'] == sha256_hex((store/'versions'/version/'model.joblib').read_bytes())
-    model, _ = load_model(s, version)
-    X, y = load_evaluation(s, m)
-    assert len(y) == split['test']['rows'] == m['metrics']['test']['rows']
-    p = model.predict_proba(X)[:, 1]
-    tp = int(((p >= m['threshold']) & (y == 1)).sum())
+    from fraud_mlops.registry import load_evidence
+    ev = load_evidence(s, m)
+    assert len(ev['y']) == folds[-1]['rows'] == m['metrics']['test']['rows']
+    tp = int(((ev['p'] >= m['evidence_threshold']) & (ev['y'] == 1)).sum())
     assert tp == m['metrics']['test']['tp']            # the stored numbers are reproducible from the stored rows
     nb = json.loads(out.read_text())
     outputs = json.dumps([c.get('outputs', []) for c in nb['cells']])
@@ -67,7 +70,7 @@ def test_same_seed_same_metrics(ci_df):
     a = train_candidate(ci_df, n_estimators=20, n_jobs=2)
     b = train_candidate(ci_df, n_estimators=20, n_jobs=2)
     assert a.metrics == b.metrics and a.threshold == b.threshold
-    np.testing.assert_array_equal(a.test_probability, b.test_probability)
+    np.testing.assert_array_equal(a.evidence['p'], b.evidence['p'])
 
 
 def test_threshold_is_chosen_on_validation_not_test(ci_df, monkeypatch):
@@ -75,18 +78,34 @@ def test_threshold_is_chosen_on_validation_not_test(ci_df, monkeypatch):
     seen = []
     real = train.choose_threshold
     monkeypatch.setattr(train, 'choose_threshold', lambda y, p, *a: seen.append(len(y)) or real(y, p, *a))
-    r = train_candidate(ci_df, n_estimators=10, n_jobs=1)
+    r = train_candidate(ci_df, n_estimators=10, n_jobs=1, protocol='holdout')
     assert seen == [r.split['validation']['rows']]
 
 
+def test_rolling_threshold_is_chosen_on_out_of_fold_predictions_of_all_rows(ci_df, monkeypatch):
+    "Under the default protocol the served threshold comes from predictions of every row by models that did not fit it."
+    import fraud_mlops.train as train
+    seen = []
+    real = train.choose_threshold
+    monkeypatch.setattr(train, 'choose_threshold', lambda y, p, *a, **k: seen.append(len(y)) or real(y, p, *a, **k))
+    r = train_candidate(ci_df, n_estimators=10, folds=2, cv_folds=3, n_boot=0, compare_rules=False)
+    assert seen[-1] == len(ci_df) and r.threshold == real(r.choice['y'], r.choice['p'], 'f1')
+    assert all(n < len(ci_df) for n in seen[:-1])                  # the folds chose on their own training rows only
+
+
 def test_threshold_policies_shape_the_alerts(ci_df):
-    f1 = train_candidate(ci_df, n_estimators=30, n_boot=0)
-    strict = train_candidate(ci_df, n_estimators=30, n_boot=0, policy='precision', target_precision=0.99)
-    assert strict.metrics['validation']['precision'] >= 0.99
+    quick = dict(n_estimators=30, n_boot=0, folds=2, cv_folds=3, compare_rules=False)
+    f1 = train_candidate(ci_df, **quick)
+    strict = train_candidate(ci_df, **quick, policy='precision', target_precision=0.99)
     assert strict.threshold >= f1.threshold
-    cheap = train_candidate(ci_df, n_estimators=30, n_boot=0, policy='cost', review_cost=0.01)
-    dear = train_candidate(ci_df, n_estimators=30, n_boot=0, policy='cost', review_cost=500.0)
+    p = strict.choice['p'] >= strict.threshold
+    assert (p & (strict.choice['y'] == 1)).sum() / p.sum() >= 0.99     # reached on the rows it was chosen on
+    cheap = train_candidate(ci_df, **quick, policy='cost', review_cost=0.01)
+    dear = train_candidate(ci_df, **quick, policy='cost', review_cost=500.0)
     assert cheap.money['alerts'] > dear.money['alerts']     # expensive reviews: fewer alerts
+    budget = train_candidate(ci_df, **quick, policy='budget', alerts_per_day=40)
+    days = np.ptp(ci_df.Time) / 86_400
+    assert (budget.choice['p'] >= budget.threshold).sum() <= round(40 * days)   # the budget is never overspent where it was set
 
 
 def test_refit_uses_train_and_validation_rows(ci_df, monkeypatch):
@@ -97,10 +116,10 @@ def test_refit_uses_train_and_validation_rows(ci_df, monkeypatch):
         m.fit = lambda X, y: sizes.append(len(y)) or fit(X, y)
         return m
     monkeypatch.setattr(train, 'make_model', recording)
-    r = train_candidate(ci_df, n_estimators=10, n_boot=0)
+    r = train_candidate(ci_df, n_estimators=10, n_boot=0, protocol='holdout')
     assert sizes == [r.split['train']['rows'], r.split['train']['rows'] + r.split['validation']['rows']]
     sizes.clear()
-    no = train_candidate(ci_df, n_estimators=10, n_boot=0, refit=False)
+    no = train_candidate(ci_df, n_estimators=10, n_boot=0, refit=False, protocol='holdout')
     assert sizes == [r.split['train']['rows']]
     assert r.threshold == no.threshold                      # the threshold comes from the train-only fit
-    assert not np.array_equal(r.test_probability, no.test_probability)
+    assert not np.array_equal(r.evidence['p'], no.evidence['p'])
