@@ -46,7 +46,7 @@ def one_cut(df, cut, alerts_per_day):
 
 
 def row(label, r):
-    return f"{label:<22}" + ''.join(f"{r[k]:>10.3f}" for k in KEYS) + f"{r['seconds']:>9.1f}"
+    return f"{label:<22}" + ''.join(f"{r[k]:>12.3f}" for k in KEYS) + f"{r['seconds']:>9.1f}"
 
 
 def main(argv=None):
@@ -61,7 +61,7 @@ def main(argv=None):
     if not path.exists(): fetch_dataset(path)
     df = load_transactions(path)
     cuts = [float(c) for c in a.cuts.split(',')]
-    head = f"{'':<22}" + ''.join(f"{k.replace('budget_precision', 'prec@budget').replace('hindsight_f1', 'hindsight'):>10}" for k in KEYS) + f"{'fit s':>9}"
+    head = f"{'':<22}" + ''.join(f"{k.replace('budget_precision', 'prec@budget').replace('hindsight_f1', 'hindsight'):>12}" for k in KEYS) + f"{'fit s':>9}"
     print(f"{len(df):,} rows, {int(df.Class.sum())} frauds; alert budget {a.alerts_per_day:g} a day")
     print(head)
     runs = []
