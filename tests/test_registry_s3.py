@@ -308,7 +308,7 @@ def test_tampered_bundles_are_refused_by_promotion_and_by_the_api(s3_uri, parts,
     assert r.returncode == 0 and 'signed' in r.stdout
 
 
-def test_one_promotion_makes_eleven_requests(s3_uri, parts, weak, good):
+def test_one_promotion_makes_twelve_requests(s3_uri, parts, weak, good):
     store = open_store(s3_uri, create=True)
     champ = bundle(store, weak, parts); promote(store, notify=False)
     cand = bundle(store, good, parts)
@@ -319,7 +319,7 @@ def test_one_promotion_makes_eleven_requests(s3_uri, parts, weak, good):
     c, k = f'versions/{cand}/', f'versions/{champ}/'
     assert log == [('GetObject', 'champion.json', {}), ('ListObjectsV2', 'decisions/', {}), ('ListObjectsV2', 'versions/', {}),
                    ('GetObject', c + 'manifest.json', {}), ('GetObject', c + 'model.joblib', {}), ('GetObject', c + 'eval.npz', {}),
-                   ('GetObject', k + 'manifest.json', {}), ('GetObject', k + 'model.joblib', {}),
+                   ('GetObject', k + 'manifest.json', {}), ('GetObject', k + 'model.joblib', {}), ('GetObject', k + 'eval.npz', {}),
                    ('GetObject', c + 'manifest.json', {}), ('PutObject', 'champion.json', {'IfMatch': tag}),
                    ('PutObject', d['log'], {'IfNoneMatch': '*'})]
     print(f'one promotion against the moto server: {len(log)} requests, {seconds * 1000:.0f} ms')
