@@ -45,10 +45,12 @@ class AverageEnsemble(ClassifierMixin, BaseEstimator):
     "The mean of the class probabilities of `estimators`, each fitted on the same rows and weights."
     def __init__(self, estimators): self.estimators = estimators
     def fit(self, X, y, sample_weight=None):
-        self.estimators_ = [clone(e).fit(X, y, sample_weight=sample_weight) for e in self.estimators]
-        for e in self.estimators_:
+        return self.use_fitted([clone(e).fit(X, y, sample_weight=sample_weight) for e in self.estimators])
+    def use_fitted(self, fitted):
+        "Take already fitted members (in the order of `estimators`), each set to one thread; return self."
+        for e in fitted:
             if 'n_jobs' in e.get_params(): e.set_params(n_jobs=1)
-        self.classes_ = self.estimators_[0].classes_
+        self.estimators_, self.classes_ = list(fitted), fitted[0].classes_
         return self
     def predict_proba(self, X):
         p = self.estimators_[0].predict_proba(X)

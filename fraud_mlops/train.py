@@ -20,7 +20,7 @@ from .data import FEATURES, TARGET, DataError, describe_split, random_split, tim
 from .evaluation import (bootstrap_intervals, budget_precision, choose_threshold, classification_metrics, mean_std,
                                     POLICIES,
                                     money_view, rolling_folds, threshold_table)
-from .modelling import DEFAULTS, FraudFeatures, features_and_labels, fit_model, fraud_probability, legit_sample, make_model
+from .modelling import AverageEnsemble, DEFAULTS, FraudFeatures, features_and_labels, fit_model, fraud_probability, legit_sample, make_model
 
 # %% ../nbs/03_train.ipynb #7a6b380d
 @dataclass
@@ -39,16 +39,48 @@ class TrainingResult:
     choice: dict = field(repr=False, default_factory=dict)    # y, p the threshold was chosen on
     rolling: dict = field(default_factory=dict)                # per-fold figures, rule losses, mean and std (rolling protocol)
     seconds: float = 0.0            # fitting time of everything the job fitted for this candidate
-    fit_seconds: float = 0.0        # one fit of the served model alone
+    fit_seconds: float = 0.0        # the served model and its threshold alone (rolling: out-of-fold predictions and the fit on all rows)
 
 # %% ../nbs/03_train.ipynb #46f04c0c
-def out_of_fold(build, X, y, cv=5, legit_fraction=1.0, random_state=42, fit=fit_model):
-    "P(fraud) of each row of `X` from a model of the same recipe fitted without it (stratified `cv`-fold cross-fitting)."
+def _kfold(build, X, y, cv, legit_fraction, random_state, fit):
+    "P(fraud) of each row from the model fitted on the other `cv`-1 stratified folds."
     from sklearn.model_selection import StratifiedKFold
     p = np.empty(len(y))
     for i, (a, b) in enumerate(StratifiedKFold(cv, shuffle=True, random_state=random_state).split(X, y)):
         p[b] = fraud_probability(fit(build(), X[a], y[a], legit_fraction, random_state + i), X[b])
     return p
+
+def _out_of_bag(pipe, X, y, legit_fraction, random_state):
+    "(out-of-bag P(fraud), fitted pipeline) of a bagged forest fitted once; rows outside the legitimate sample get its plain prediction."
+    import warnings
+    fitted = fit_model(pipe.set_params(model__oob_score=True), X, y, legit_fraction, random_state)
+    forest, (keep, _) = fitted.steps[-1][1], legit_sample(y, legit_fraction, random_state)
+    p = fraud_probability(fitted, X)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)
+        oob = forest.oob_decision_function_[:, 1]
+    p[keep] = np.where(np.isnan(oob), p[keep], oob)                # a row in every bootstrap has no out-of-bag trees
+    del forest.oob_decision_function_, forest.oob_score_
+    forest.set_params(oob_score=False)
+    return p, fitted
+
+def out_of_fold(build, X, y, cv=5, legit_fraction=1.0, random_state=42, fit=fit_model):
+    "(P(fraud) of each row from models of the recipe that did not fit it, the model fitted on all rows); bagged forests use out-of-bag trees."
+    from sklearn.base import clone
+    from sklearn.pipeline import Pipeline
+    model = build()
+    est = model.steps[-1][1]
+    if not isinstance(est, AverageEnsemble):
+        return _kfold(build, X, y, cv, legit_fraction, random_state, fit), fit(build(), X, y, legit_fraction, random_state)
+    parts = []
+    for member in est.estimators:
+        pipe = Pipeline([('features', clone(model.steps[0][1])), ('model', clone(member))])
+        parts.append(_out_of_bag(pipe, X, y, legit_fraction, random_state) if getattr(member, 'bootstrap', False) else
+                     (_kfold(lambda: clone(pipe), X, y, cv, legit_fraction, random_state, fit), fit(clone(pipe), X, y, legit_fraction, random_state)))
+    p = parts[0][0]
+    for q, _ in parts[1:]: p = p + q
+    ensemble = clone(est).use_fitted([m.steps[-1][1] for _, m in parts])
+    return p / len(parts), Pipeline([('features', model.steps[0][1]), ('model', ensemble)])
 
 # %% ../nbs/03_train.ipynb #600e7c87
 def span_days(times):
@@ -57,9 +89,8 @@ def span_days(times):
 
 def fit_recipe(build, X, y, amounts, times, policy='f1', legit_fraction=1.0, random_state=42, fit=fit_model, cv=5, **rule):
     "(model fitted on all rows, its threshold by `policy` on out-of-fold predictions of the same recipe, those predictions)."
-    oof = out_of_fold(build, X, y, cv, legit_fraction, random_state, fit)
-    threshold = choose_threshold(y, oof, policy, amounts=amounts, days=span_days(times), **rule)
-    return fit(build(), X, y, legit_fraction, random_state), threshold, oof
+    oof, model = out_of_fold(build, X, y, cv, legit_fraction, random_state, fit)
+    return model, choose_threshold(y, oof, policy, amounts=amounts, days=span_days(times), **rule), oof
 
 # %% ../nbs/03_train.ipynb #d40d7480
 MIN_FRAUDS = 5   # a fold whose window or training rows hold fewer frauds is skipped, with a note
@@ -154,10 +185,8 @@ def _rolling(df, build, policy, rule, folds, first_fold_at, gap_seconds, cv_fold
     rolling = rolling_evaluation(build, X, y, amounts, times, folds, first_fold_at, gap_seconds, policy=policy,
                                  legit_fraction=legit_fraction, random_state=random_state, fit=fit, cv=cv_folds,
                                  n_boot=n_boot, compare_rules=compare_rules, **rule)
-    oof = out_of_fold(build, X, y, cv_folds, legit_fraction, random_state, fit)
-    threshold = choose_threshold(y, oof, policy, amounts=amounts, days=span_days(times), **rule)
     fit_clock = time.perf_counter()
-    fitted = fit(build(), X, y, legit_fraction, random_state)
+    fitted, threshold, oof = fit_recipe(build, X, y, amounts, times, policy, legit_fraction, random_state, fit, cv_folds, **rule)
     done = time.perf_counter()
     ev = rolling.pop('evidence'); rows, p, t = ev['rows'], ev['p'], ev['threshold']
     part = lambda r: {'rows': len(r), 'frauds': int(y[r].sum()), 'time_from': float(times[r].min()), 'time_to': float(times[r].max())}
@@ -189,9 +218,9 @@ def _holdout(df, build, policy, rule, valid, test, split, refit, legit_fraction,
 
 PROTOCOLS = ('rolling', 'holdout')
 
-def train_candidate(df, model='lgbm', protocol='rolling', policy='f1', target_precision=0.95, review_cost=5.0, alerts_per_day=100,
+def train_candidate(df, model='lgbm_rf', protocol='rolling', policy='f1', target_precision=0.95, review_cost=5.0, alerts_per_day=100,
                     folds=4, first_fold_at=0.5, gap_seconds=0.0, cv_folds=5, compare_rules=True, valid=0.2, test=0.2, split='time',
-                    refit=True, legit_fraction=0.25, n_boot=1000, n_jobs=1, random_state=42, fit=fit_model, **params):
+                    refit=True, legit_fraction=0.25, n_boot=1000, n_jobs=-1, random_state=42, fit=fit_model, **params):
     "Train a candidate of `model` by `protocol` ('rolling': time-ordered folds, threshold from out-of-fold predictions, fit on all rows; 'holdout')."
     if protocol not in PROTOCOLS: raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     if policy not in POLICIES: raise ValueError(f"unknown threshold policy {policy!r}; choose from {', '.join(POLICIES)}")

@@ -33,7 +33,7 @@ def store(tmp_path):
 def add_candidate(ci_df):
     "Train a small candidate on the CI subset into a store; return its version."
     def add(store, **params):
-        params = {'n_estimators': 20, 'n_jobs': 1, **params}
+        params = {'model': 'lgbm', 'n_estimators': 20, 'n_jobs': 1, **params}   # mechanics, not quality: the small, fast model
         r = train_candidate(ci_df, **params)
         m = build_manifest(r, CI_SUBSET, 'ci', len(ci_df), int(ci_df.Class.sum()), params)
         return save_version(store, r.model, m, r.evidence['X'], r.evidence['y'], r.evidence['p'])['version']
