@@ -74,9 +74,9 @@ def _lgbm(n_jobs, random_state, **params):
                              'force_row_wise': True, 'verbose': -1, **params})
 
 def _lgbm_rf(n_jobs, random_state, forest_trees=100, **params):
-    "LightGBM and a balanced random forest of `forest_trees` trees, averaged."
+    "LightGBM (one thread) and a balanced random forest of `forest_trees` trees on `n_jobs` threads, averaged."
     forest = RandomForestClassifier(forest_trees, class_weight='balanced', n_jobs=n_jobs, random_state=random_state)
-    return AverageEnsemble([_lgbm(n_jobs, random_state, **params), forest])
+    return AverageEnsemble([_lgbm(1, random_state, **params), forest])
 
 def make_model(kind='lgbm', n_jobs=1, random_state=42, **params):
     "A fresh pipeline of model `kind` (one of `DEFAULTS`); `params` override `DEFAULTS[kind]`."
