@@ -17,7 +17,7 @@ def dask_run(tmp_path_factory):
     "Run the training notebook with engine dask on the CI subset; return (store, executed notebook)."
     tmp = tmp_path_factory.mktemp('dask-train')
     subprocess.run([BIN/'papermill', ROOT/'nbs'/'03_train.ipynb', tmp/'out.ipynb', '-p', 'data_path', resolve_path(CI_SUBSET),
-                    '-p', 'store', tmp/'store', '-p', 'engine', 'dask', '-p', 'partition_rows', '1500', '-p', 'compare_with', '',
+                    '-p', 'store', tmp/'store', '-p', 'model', 'lgbm', '-p', 'engine', 'dask', '-p', 'partition_rows', '1500', '-p', 'compare_with', '',
                     '-p', 'random_split_report', 'False', '-p', 'n_boot', '300',
                     '-p', 'folds', '2', '-p', 'cv_folds', '2'], check=True, capture_output=True, cwd=tmp)
     return open_store(tmp/'store'), tmp/'out.ipynb'

@@ -26,11 +26,11 @@ def test_papermill_run_writes_a_complete_candidate(tmp_path):
     assert m['params']['n_estimators'] == 30          # the papermill parameter reached the job
     assert m['features'] == FEATURES
     assert m['protocol']['name'] == 'rolling' and m['protocol']['threshold_policy'] == 'f1' and m['decision_rule']['policy'] == 'f1'
-    assert m['model_kind'] == 'lgbm' and m['model_params']['n_estimators'] == 30
+    assert m['model_kind'] == 'lgbm_rf' and m['model_params']['n_estimators'] == 30
     for k in ('precision', 'recall', 'f1', 'auprc'):
         lo, hi = m['intervals']['test'][k]
         assert lo <= m['metrics']['test'][k] <= hi
-    assert [r['model'] for r in m['comparison']] == ['lgbm (candidate)', "seed_rf (seed's recipe)"]
+    assert [r['model'] for r in m['comparison']] == ['lgbm_rf (candidate)', "seed_rf (seed's recipe)"]
     assert all(isinstance(r['auprc'], float) and isinstance(r['f1'], float) for r in m['comparison'])   # numbers, not display text
     assert m['money']['alerts'] == m['metrics']['test']['tp'] + m['metrics']['test']['fp']
     folds = m['rolling']['folds']
