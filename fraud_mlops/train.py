@@ -20,7 +20,7 @@ from .data import FEATURES, TARGET, DataError, describe_split, random_split, tim
 from .evaluation import (bootstrap_intervals, budget_precision, choose_threshold, classification_metrics, mean_std,
                                     POLICIES,
                                     money_view, rolling_folds, threshold_table)
-from .modelling import AverageEnsemble, DEFAULTS, FraudFeatures, features_and_labels, fit_model, fraud_probability, legit_sample, make_model
+from .modelling import DEFAULTS, FraudFeatures, features_and_labels, fit_model, fraud_probability, legit_sample, make_model
 
 # %% ../nbs/03_train.ipynb #7a6b380d
 @dataclass
@@ -42,45 +42,13 @@ class TrainingResult:
     fit_seconds: float = 0.0        # the served model and its threshold alone (rolling: out-of-fold predictions and the fit on all rows)
 
 # %% ../nbs/03_train.ipynb #46f04c0c
-def _kfold(build, X, y, cv, legit_fraction, random_state, fit):
-    "P(fraud) of each row from the model fitted on the other `cv`-1 stratified folds."
+def out_of_fold(build, X, y, cv=5, legit_fraction=1.0, random_state=42, fit=fit_model):
+    "P(fraud) of each row of `X` from a model of the same recipe fitted without it (stratified `cv`-fold cross-fitting)."
     from sklearn.model_selection import StratifiedKFold
     p = np.empty(len(y))
     for i, (a, b) in enumerate(StratifiedKFold(cv, shuffle=True, random_state=random_state).split(X, y)):
         p[b] = fraud_probability(fit(build(), X[a], y[a], legit_fraction, random_state + i), X[b])
     return p
-
-def _out_of_bag(pipe, X, y, legit_fraction, random_state):
-    "(out-of-bag P(fraud), fitted pipeline) of a bagged forest fitted once; rows outside the legitimate sample get its plain prediction."
-    import warnings
-    fitted = fit_model(pipe.set_params(model__oob_score=True), X, y, legit_fraction, random_state)
-    forest, (keep, _) = fitted.steps[-1][1], legit_sample(y, legit_fraction, random_state)
-    p = fraud_probability(fitted, X)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', RuntimeWarning)
-        oob = forest.oob_decision_function_[:, 1]
-    p[keep] = np.where(np.isnan(oob), p[keep], oob)                # a row in every bootstrap has no out-of-bag trees
-    del forest.oob_decision_function_, forest.oob_score_
-    forest.set_params(oob_score=False)
-    return p, fitted
-
-def out_of_fold(build, X, y, cv=5, legit_fraction=1.0, random_state=42, fit=fit_model):
-    "(P(fraud) of each row from models of the recipe that did not fit it, the model fitted on all rows); bagged forests use out-of-bag trees."
-    from sklearn.base import clone
-    from sklearn.pipeline import Pipeline
-    model = build()
-    est = model.steps[-1][1]
-    if not isinstance(est, AverageEnsemble):
-        return _kfold(build, X, y, cv, legit_fraction, random_state, fit), fit(build(), X, y, legit_fraction, random_state)
-    parts = []
-    for member in est.estimators:
-        pipe = Pipeline([('features', clone(model.steps[0][1])), ('model', clone(member))])
-        parts.append(_out_of_bag(pipe, X, y, legit_fraction, random_state) if getattr(member, 'bootstrap', False) else
-                     (_kfold(lambda: clone(pipe), X, y, cv, legit_fraction, random_state, fit), fit(clone(pipe), X, y, legit_fraction, random_state)))
-    p = parts[0][0]
-    for q, _ in parts[1:]: p = p + q
-    ensemble = clone(est).use_fitted([m.steps[-1][1] for _, m in parts])
-    return p / len(parts), Pipeline([('features', model.steps[0][1]), ('model', ensemble)])
 
 # %% ../nbs/03_train.ipynb #600e7c87
 def span_days(times):
@@ -89,8 +57,9 @@ def span_days(times):
 
 def fit_recipe(build, X, y, amounts, times, policy='f1', legit_fraction=1.0, random_state=42, fit=fit_model, cv=5, **rule):
     "(model fitted on all rows, its threshold by `policy` on out-of-fold predictions of the same recipe, those predictions)."
-    oof, model = out_of_fold(build, X, y, cv, legit_fraction, random_state, fit)
-    return model, choose_threshold(y, oof, policy, amounts=amounts, days=span_days(times), **rule), oof
+    oof = out_of_fold(build, X, y, cv, legit_fraction, random_state, fit)
+    threshold = choose_threshold(y, oof, policy, amounts=amounts, days=span_days(times), **rule)
+    return fit(build(), X, y, legit_fraction, random_state), threshold, oof
 
 # %% ../nbs/03_train.ipynb #d40d7480
 MIN_FRAUDS = 5   # a fold whose window or training rows hold fewer frauds is skipped, with a note
