@@ -47,7 +47,7 @@ lint: install ## actionlint (with shellcheck), hadolint and cfn-lint on the work
 	$(BIN)/cfn-lint .aws/cloudformation.yml --include-checks I
 
 bench: install ## load-test the API on 127.0.0.1 against the seed's way of serving and a no-model ceiling (needs wrk)
-	$(BIN)/python bench/serve_bench.py
+	$(BIN)/python bench/serve_bench.py $(if $(MODEL),--model $(MODEL))
 
 bench-scale: install ## file scoring at 1x, 4x and 16x the full data (rows replicated), in-process and on a 2-worker LocalCluster: rows/s, peak RSS
 	$(BIN)/python bench/scale_bench.py

@@ -1,6 +1,6 @@
 """`make bench`: the API under load on loopback, against the seed's way of serving and a no-model ceiling.
 
-Trains and promotes the default LightGBM model on the CI subset into a temporary store (or serves the
+Trains and promotes the training job's default model (`--model` for another) on the CI subset into a temporary store (or serves the
 champion of `--store` / `$FRAUD_MLOPS_STORE` when that store has one), trains the seed's reference
 (StandardScaler + RandomForest(100), n_jobs=-1 as the seed had it), then starts each server in turn with
 uvicorn on 127.0.0.1 and drives it with wrk (`apt-get install -y wrk`; without it, a bounded async httpx
@@ -32,7 +32,7 @@ def load_avg():
     return ' '.join(f'{x:.2f}' for x in os.getloadavg())
 
 
-def champion_store(uri, X, y, tmp):
+def champion_store(uri, X, y, tmp, model=None):
     "A store URI with a champion: `uri`'s if it has one, else a temp store with a freshly trained default model."
     if uri:
         try:
@@ -41,11 +41,11 @@ def champion_store(uri, X, y, tmp):
         except StoreError: pass
     from fraud_mlops.train import build_manifest, train_candidate
     df = load_transactions(resolve_path(CI_SUBSET))
-    r = train_candidate(df, n_boot=0, n_jobs=1)
+    r = train_candidate(df, **({'model': model} if model else {}), n_boot=0, n_jobs=1, folds=2, compare_rules=False)
     store = open_store(f'{tmp}/store', create=True)
     m = save_version(store, r.model, build_manifest(r, CI_SUBSET, 'ci', len(df), int(df[TARGET].sum()), {}), r.evidence['X'], r.evidence['y'], r.evidence['p'])
     set_champion(store, m['version'], None)
-    return store.uri, f"default LightGBM trained on the CI subset ({len(df)} rows), version {m['version']}"
+    return store.uri, f"{r.kind} trained on the CI subset ({len(df)} rows), version {m['version']}"
 
 
 def start(app, env, port, workers, log_path, app_dir=None, quiet=False):
@@ -130,6 +130,7 @@ def main():
     p.add_argument('--seconds', type=int, default=8, help='length of each load run (default 8)')
     p.add_argument('--workers', type=int, default=1, help='uvicorn workers for every server (default 1)')
     p.add_argument('--batch-rows', type=int, default=10_000)
+    p.add_argument('--model', help="model kind to train when no champion is given (default: the training job's default)")
     args = p.parse_args()
     if not shutil.which('wrk'):
         print('wrk not found: install it with `apt-get update && apt-get install -y wrk` (Debian/Ubuntu) for real figures;\n'
@@ -140,7 +141,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix='fraud-bench-')
     try:
         print(f'machine: {os.cpu_count()} cores, load average (1, 5, 15 min) at start: {load_avg()}', flush=True)
-        store, what = champion_store(args.store, X, y, tmp)
+        store, what = champion_store(args.store, X, y, tmp, args.model)
         print(f'model: {what}')
         from fraud_mlops.modelling import make_model
         ref = make_model('seed_rf', n_jobs=-1, n_estimators=100).fit(X, y)

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['MIN_FRAUDS', 'SUMMARY', 'MIN_TRAIN_FRAUDS', 'PROTOCOLS', 'ROW', 'TrainingResult', 'in_parallel', 'out_of_fold',
-           'span_days', 'fit_recipe', 'evaluate_fold', 'rolling_evaluation', 'seed_recipe', 'compare_on_folds',
-           'train_candidate', 'write_partitions', 'fit_model_dask', 'result_row', 'reference_row', 'search_lgbm',
-           'library_versions', 'peak_memory_mb', 'build_manifest']
+           'span_days', 'fit_recipe', 'holdout_threshold', 'evaluate_fold', 'rolling_evaluation', 'seed_recipe',
+           'compare_on_folds', 'train_candidate', 'write_partitions', 'fit_model_dask', 'result_row', 'reference_row',
+           'search_lgbm', 'library_versions', 'peak_memory_mb', 'build_manifest']
 
 # %% ../nbs/03_train.ipynb #0599df54
 import os, platform, resource, time
@@ -78,8 +78,8 @@ def _hindsight(y, p):
     f1 = 2 * tp / (tp + fp + np.sum(y))
     return float(f1.max()), float(t[np.argmax(f1)])
 
-def _holdout_threshold(build, X, y, legit_fraction, random_state, fit):
-    "The previous rule: fit on the earliest 75% of rows, take the best-F1 threshold on the latest 25%."
+def holdout_threshold(build, X, y, legit_fraction, random_state, fit):
+    "The previous rule: the best-F1 threshold on the latest 25% of rows for a model fitted on the earliest 75% (None without frauds in both)."
     cut = int(len(y) * 0.75)
     if not 0 < y[cut:].sum() < len(y) - cut or y[:cut].sum() == 0: return None
     m = fit(build(), X[:cut], y[:cut], legit_fraction, random_state)
@@ -104,7 +104,7 @@ def evaluate_fold(fold, build, X, y, amounts, times, policy='f1', legit_fraction
            'intervals': bootstrap_intervals(yt, p, t, n_boot, random_state) if n_boot else {}}
     if compare_rules:
         rules = {'f1': choose_threshold(y[tr], oof, 'f1'), 'f1_max': choose_threshold(y[tr], oof, 'f1_max'),
-                 'holdout': _holdout_threshold(build, X[tr], y[tr], legit_fraction, random_state, fit)}
+                 'holdout': holdout_threshold(build, X[tr], y[tr], legit_fraction, random_state, fit)}
         out['rules'] = {name: None if r is None else {'threshold': r, 'f1': (f := classification_metrics(yt, p, r)['f1']),
                                                      'loss': best - f} for name, r in rules.items()}
     return out, p
