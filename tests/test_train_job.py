@@ -30,7 +30,7 @@ def test_papermill_run_writes_a_complete_candidate(tmp_path):
     for k in ('precision', 'recall', 'f1', 'auprc'):
         lo, hi = m['intervals']['test'][k]
         assert lo <= m['metrics']['test'][k] <= hi
-    assert [r['model'] for r in m['comparison']] == ['lgbm_rf (candidate)', "seed_rf (seed's recipe)"]
+    assert [r['model'] for r in m['comparison']] == ['lgbm_rf (candidate)', "seed_rf (seed's recipe)", 'lgbm']
     assert all(isinstance(r['auprc'], float) and isinstance(r['f1'], float) for r in m['comparison'])   # numbers, not display text
     assert m['money']['alerts'] == m['metrics']['test']['tp'] + m['metrics']['test']['fp']
     folds = m['rolling']['folds']
