@@ -124,14 +124,19 @@ def budget_precision(y, p, times, alerts_per_day):
 def bootstrap_intervals(y, p, threshold, n_boot=1000, seed=0, level=0.95):
     "Bootstrap `level` intervals of precision, recall, F1 (at `threshold`) and AUPRC on rows `y`, `p`."
     y, p = _check(y, p)
-    rng, n, pred = np.random.default_rng(seed), len(y), p >= threshold
-    pos, flagged_pos, flagged_neg = y == 1, pred & (y == 1), pred & (y == 0)
+    rng, n = np.random.default_rng(seed), len(y)
+    order = np.argsort(-p, kind='stable')                            # sorted once: a resample only reweights rows
+    ys, ps = y[order] == 1, p[order]
+    last = np.r_[np.flatnonzero(np.diff(ps)), n - 1]                 # the last row of each run of equal scores
+    flagged = ps >= threshold
     draws = {k: [] for k in ('precision', 'recall', 'f1', 'auprc')}
     for _ in range(n_boot):
-        w = np.bincount(rng.integers(0, n, n), minlength=n).astype('float64')
-        if not 0 < w[pos].sum() < n: continue
-        pr, rc, f1 = _rates(w[flagged_pos].sum(), w[flagged_neg].sum(), w[pos].sum() - w[flagged_pos].sum())
-        _, tp, fp = threshold_table(y, p, weight=w)
+        w = np.bincount(rng.integers(0, n, n), minlength=n)[order].astype('float64')
+        frauds = w[ys].sum()
+        if not 0 < frauds < n: continue
+        caught = w[flagged & ys].sum()
+        pr, rc, f1 = _rates(caught, w[flagged & ~ys].sum(), frauds - caught)
+        tp, fp = np.cumsum(w * ys)[last], np.cumsum(w * ~ys)[last]
         keep = np.r_[tp[0] > 0, np.diff(tp) > 0]                      # only points where recall rises count
         auprc = np.sum(np.diff(np.r_[0, tp[keep]]) / tp[-1] * tp[keep] / (tp[keep] + fp[keep]))
         for k, v in zip(draws, (pr, rc, f1, auprc)): draws[k].append(float(v))

@@ -93,8 +93,10 @@ def evaluate_fold(fold, build, X, y, amounts, times, policy='f1', legit_fraction
             'frauds': int(y[te].sum()), 'time_from': float(times[te].min()), 'time_to': float(times[te].max())}
     if min(info['frauds'], info['train_frauds']) < max(MIN_FRAUDS, cv):
         return {**info, 'skipped': f"{info['frauds']} frauds in the window, {info['train_frauds']} before it: too few to measure"}
-    model, t, oof = fit_recipe(build, X[tr], y[tr], amounts[tr], times[tr], policy, legit_fraction, random_state, fit, cv,
-                               workers, alerts_per_day=alerts_per_day, **rule)
+    recipe = lambda: fit_recipe(build, X[tr], y[tr], amounts[tr], times[tr], policy, legit_fraction, random_state, fit, cv,
+                                workers, alerts_per_day=alerts_per_day, **rule)
+    held = lambda: holdout_threshold(build, X[tr], y[tr], legit_fraction, random_state, fit) if compare_rules else None
+    (model, t, oof), held = in_parallel([recipe, held], workers)   # the previous rule's fit beside the recipe's
     yt, p = y[te], fraud_probability(model, X[te])
     m = classification_metrics(yt, p, t)
     best, best_t = _hindsight(yt, p)
@@ -104,7 +106,7 @@ def evaluate_fold(fold, build, X, y, amounts, times, policy='f1', legit_fraction
            'intervals': bootstrap_intervals(yt, p, t, n_boot, random_state) if n_boot else {}}
     if compare_rules:
         rules = {'f1': choose_threshold(y[tr], oof, 'f1'), 'f1_max': choose_threshold(y[tr], oof, 'f1_max'),
-                 'holdout': holdout_threshold(build, X[tr], y[tr], legit_fraction, random_state, fit)}
+                 'holdout': held}
         out['rules'] = {name: None if r is None else {'threshold': r, 'f1': (f := classification_metrics(yt, p, r)['f1']),
                                                      'loss': best - f} for name, r in rules.items()}
     return out, p
