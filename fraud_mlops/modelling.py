@@ -65,7 +65,7 @@ DEFAULTS = {
     'lgbm': dict(n_estimators=150, learning_rate=0.09, num_leaves=15, min_child_weight=0.15, reg_lambda=25.0,
                  subsample=0.62, subsample_freq=1, colsample_bytree=0.95),
     'lgbm_rf': dict(n_estimators=150, learning_rate=0.09, num_leaves=15, min_child_weight=0.15, reg_lambda=25.0,
-                    subsample=0.62, subsample_freq=1, colsample_bytree=0.5, forest_trees=100, forest_max_samples=0.05),
+                    subsample=0.62, subsample_freq=1, colsample_bytree=0.5, forest_trees=60, forest_max_samples=0.05),
 }
 
 def _lgbm(n_jobs, random_state, **params):
@@ -73,7 +73,7 @@ def _lgbm(n_jobs, random_state, **params):
     return LGBMClassifier(**{'n_jobs': n_jobs, 'random_state': random_state, 'deterministic': True,
                              'force_row_wise': True, 'verbose': -1, **params})
 
-def _lgbm_rf(n_jobs, random_state, forest_trees=100, forest_max_samples=0.05, **params):
+def _lgbm_rf(n_jobs, random_state, forest_trees=60, forest_max_samples=0.05, **params):
     "LightGBM (one thread) averaged with a balanced forest of `forest_trees` trees, each grown on a `forest_max_samples` draw, on `n_jobs` threads."
     forest = RandomForestClassifier(forest_trees, class_weight='balanced', max_samples=forest_max_samples, n_jobs=n_jobs,
                                     random_state=random_state)
