@@ -100,6 +100,7 @@ def _parser():
     pr.add_argument('--version', help='candidate to decide on (default: the newest undecided)')
     pr.add_argument('--min-gain', type=float, default=0.0, help='F1 margin the candidate must exceed (default 0)')
     pr.add_argument('--min-f1', type=float, help='F1 floor the candidate must reach, even in an empty store (default none)')
+    pr.add_argument('--min-frauds', type=int, default=30, help='frauds the evidence must hold to rank two models; fewer keeps the champion (default 30)')
     pr.add_argument('--prune-rejected', action='store_true', help="delete rejected versions' files (their decisions stay logged)")
     pr.add_argument('--dry-run', action='store_true', help='print the decision, change nothing')
     pr.add_argument('--no-notify', action='store_true', help='do not POST $API_URL/reload after promoting')
@@ -176,7 +177,7 @@ def run(args):
     if args.command == 'promote':
         from fraud_mlops.promotion import promote  # scikit-learn is imported only by the commands that score
         print(_summary(promote(store, args.version, args.min_gain, args.dry_run, notify=not args.no_notify,
-                               min_f1=args.min_f1, prune=args.prune_rejected)))
+                               min_f1=args.min_f1, prune=args.prune_rejected, min_frauds=args.min_frauds)))
     elif args.command == 'rollback':
         from fraud_mlops.promotion import rollback
         print(_summary(rollback(store, args.to, notify=not args.no_notify)))
