@@ -6,7 +6,7 @@
 __all__ = ['train_notebook', 'parse_value', 'run_training', 'format_models', 'history_rows', 'format_history', 'run', 'main']
 
 # %% ../nbs/07_cli.ipynb #c0aea5d8
-import argparse, json, os, re, sys, time
+import argparse, json, os, sys, time
 from pathlib import Path
 
 from .data import FULL_DATA, DataError, fetch_dataset, project_root, resolve_path
@@ -36,18 +36,17 @@ def run_training(data_path, store=None, output=None, params=(), progress=True):
     if not data.exists(): raise DataError(f"{data_path}: no such file (run `fraud-mlops fetch-data` for the full dataset)")
     output = Path(output or Path('runs')/f"train-{time.strftime('%Y%m%dT%H%M%S')}.ipynb")
     output.parent.mkdir(parents=True, exist_ok=True)
-    parameters = {**{k: parse_value(v) for k, v in params},
-                  'data_path': str(data.resolve()), 'store': _absolute(store_uri(store))}
+    result = output.with_suffix('.json')
+    result.unlink(missing_ok=True)                              # a result left by an earlier run is never read
+    parameters = {**{k: parse_value(v) for k, v in params}, 'data_path': str(data.resolve()),
+                  'store': _absolute(store_uri(store)), 'result_path': str(result.resolve())}
     try:
         pm.execute_notebook(str(train_notebook()), str(output), parameters=parameters, progress_bar=progress,
                             stdout_file=sys.stdout if progress else None, kernel_name='python3')
     except pm.PapermillExecutionError as e:
         raise DataError(f"training failed: {e.ename}: {e.evalue} (see {output})") from None
-    nb = json.loads(output.read_text())
-    text = ''.join(''.join(o.get('text', '')) for c in nb['cells'] for o in c.get('outputs', []))
-    m = re.search(r'^candidate (\S+) written to', text, re.M)
-    if not m: raise StoreError(f"training finished but reported no candidate (see {output})")
-    return m.group(1), output
+    if not result.exists(): raise StoreError(f"training finished but wrote no result file {result} (see {output})")
+    return json.loads(result.read_text())['version'], output
 
 # %% ../nbs/07_cli.ipynb #0e854dac
 def format_models(rows):

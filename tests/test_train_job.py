@@ -63,7 +63,21 @@ def test_bad_data_fails_the_job_clearly_and_writes_nothing(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert 'training failed: DataError' in r.stderr and 'column V3 is not numeric (line 51' in r.stderr
-    assert not (store/'versions').exists()
+    assert not (store/'versions').exists() and not (tmp_path/'o.json').exists()
+
+
+def test_fraud_mlops_train_reads_the_jobs_result_file_not_its_printout(tmp_path):
+    "The command learns the version from the JSON result the job writes beside its report, and says where both are."
+    store, out = tmp_path/'s', tmp_path/'runs'/'o.ipynb'
+    r = subprocess.run([BIN/'fraud-mlops', 'train', '--data', resolve_path(CI_SUBSET), '--store', store, '--output', out,
+                        '-p', 'n_estimators', '20', '-p', 'compare_with', '', '-p', 'random_split_report', 'False', '-p', 'n_boot', '100',
+                        '-p', 'folds', '2'], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    from fraud_mlops.registry import open_store
+    version, = list_versions(open_store(store))
+    result = json.loads(out.with_suffix('.json').read_text())
+    assert result == {'version': version, 'store': str(store), 'manifest': f'versions/{version}/manifest.json'}
+    assert r.stdout.splitlines()[-1].startswith(f'candidate {version} (report: {out})')   # its last line
 
 
 def test_same_seed_same_metrics(ci_df):
