@@ -17,9 +17,8 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 
 from .data import FEATURES, TARGET, DataError, describe_split, random_split, time_split
-from .evaluation import (bootstrap_intervals, budget_precision, choose_threshold, classification_metrics, mean_std,
-                                    POLICIES,
-                                    money_view, rolling_folds, threshold_table)
+from .evaluation import (POLICIES, bootstrap_intervals, budget_precision, choose_threshold, classification_metrics,
+                                    mean_std, money_view, rolling_folds, threshold_table)
 from .modelling import DEFAULTS, FraudFeatures, features_and_labels, fit_model, fraud_probability, legit_sample, make_model
 
 # %% ../nbs/03_train.ipynb #7a6b380d
