@@ -8,7 +8,10 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 export FRAUD_MLOPS_STORE ?= registry
 
-.PHONY: install data train promote serve run test lint lab bench bench-scale bench-quality clean
+.PHONY: help install data train promote serve run test lint lab bench bench-scale bench-quality clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
 
 $(STAMP): setup.py settings.ini
 	$(PY) -m venv $(VENV)

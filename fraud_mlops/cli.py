@@ -80,7 +80,9 @@ def format_history(decisions):
 
 # %% ../nbs/07_cli.ipynb #be587a3f
 def _parser():
+    from fraud_mlops import __version__
     p = argparse.ArgumentParser(prog='fraud-mlops', description='Train, promote and serve credit-card fraud models.')
+    p.add_argument('--version', action='version', version=f'fraud-mlops {__version__}')
     sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
     store = argparse.ArgumentParser(add_help=False)
     store.add_argument('--store', help='registry folder or s3://bucket/prefix (default: $FRAUD_MLOPS_STORE or registry/)')

@@ -56,3 +56,13 @@ def test_history_floor_and_pruning_from_the_command_line(store, add_candidate):
     assert [line.split()[1:3] for line in hist[1:]] == [['rejected', weak], ['promoted', good]]
     log = json.loads(cli('models', '--store', store.root, '--history', '--json').stdout)
     assert log[0]['reason'].endswith('is below the floor 0.999') and log[1]['by']
+
+
+def test_make_help_lists_every_documented_target():
+    "`make help` prints each target that carries a `## ` description, with that description."
+    import re
+    root = Path(__file__).resolve().parent.parent
+    documented = re.findall(r'^([a-z-]+):.*## (.*)$', (root/'Makefile').read_text(), re.M)
+    out = subprocess.run(['make', '-s', 'help'], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert [line.split()[0] for line in out.splitlines()] == [t for t, _ in documented]
+    assert {'help', 'install', 'run', 'test', 'bench', 'bench-quality'} <= {t for t, _ in documented}
