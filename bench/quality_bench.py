@@ -15,11 +15,9 @@ import argparse, sys, time
 import numpy as np
 
 from fraud_mlops.data import FULL_DATA, fetch_dataset, load_transactions, resolve_path
-from fraud_mlops.evaluation import budget_precision, classification_metrics, threshold_table
-from fraud_mlops.modelling import features_and_labels, fraud_probability
+from fraud_mlops.evaluation import budget_precision, choose_threshold, classification_metrics, f1_curve
+from fraud_mlops.modelling import features_and_labels, fit_model, fraud_probability, make_model
 from fraud_mlops.runtime import fast_predictor
-from fraud_mlops.evaluation import choose_threshold
-from fraud_mlops.modelling import fit_model, make_model
 from fraud_mlops.train import holdout_threshold, seed_recipe, train_candidate
 
 KEYS = ('auprc', 'f1', 'precision', 'recall', 'budget_precision', 'hindsight_f1')
@@ -28,9 +26,8 @@ KEYS = ('auprc', 'f1', 'precision', 'recall', 'budget_precision', 'hindsight_f1'
 def judge(y, p, threshold, times, alerts_per_day):
     "The figures of scores `p` at `threshold` on later rows `y`."
     m = classification_metrics(y, p, threshold)
-    _, tp, fp = threshold_table(y, p)
     return {**{k: m[k] for k in KEYS[:4]}, 'budget_precision': budget_precision(y, p, times, alerts_per_day)['precision'],
-            'hindsight_f1': float(np.max(2 * tp / (tp + fp + y.sum())))}
+            'hindsight_f1': float(f1_curve(y, p)[1].max())}
 
 
 def one_cut(df, cut, alerts_per_day):

@@ -18,7 +18,7 @@ from threadpoolctl import threadpool_limits
 
 from .data import FEATURES, TARGET, DataError, describe_split, random_split, time_split
 from .evaluation import (POLICIES, bootstrap_intervals, budget_precision, choose_threshold, classification_metrics,
-                                    mean_std, money_view, rolling_folds, threshold_table)
+                                    f1_curve, mean_std, money_view, rolling_folds)
 from .modelling import DEFAULTS, FraudFeatures, features_and_labels, fit_model, fraud_probability, legit_sample, make_model
 
 # %% ../nbs/03_train.ipynb #7a6b380d
@@ -73,8 +73,7 @@ MIN_FRAUDS = 5   # a fold whose window or training rows hold fewer frauds is ski
 
 def _hindsight(y, p):
     "The best F1 any threshold reaches on `y`, `p`, and that threshold."
-    t, tp, fp = threshold_table(y, p)
-    f1 = 2 * tp / (tp + fp + np.sum(y))
+    t, f1 = f1_curve(y, p)
     return float(f1.max()), float(t[np.argmax(f1)])
 
 def holdout_threshold(build, X, y, legit_fraction, random_state, fit):
