@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['FEATURE_SOURCES', 'DEFAULTS', 'VERDICTS', 'features_and_labels', 'derived_features', 'FraudFeatures',
-           'AverageEnsemble', 'make_model', 'legit_sample', 'fit_model', 'fraud_probability', 'is_fraud']
+           'AverageEnsemble', 'make_model', 'fraud_probability', 'legit_sample', 'fit_model', 'is_fraud']
 
 # %% ../nbs/02a_modelling.ipynb #ea07da94
 import numpy as np
@@ -90,21 +90,24 @@ def make_model(kind='lgbm', n_jobs=1, random_state=42, **params):
            else _lgbm_rf(n_jobs, random_state, **p) if kind == 'lgbm_rf' else _lgbm(n_jobs, random_state, **p))
     return Pipeline([('features', FraudFeatures()), ('model', est)])
 
+# %% ../nbs/02a_modelling.ipynb #eca85479
+def fraud_probability(model, X):
+    "P(fraud) for each row of `X` (the positive-class column of `predict_proba`)."
+    return model.predict_proba(X)[:, 1]
+
+# %% ../nbs/02a_modelling.ipynb #b2d92304
 def legit_sample(y, legit_fraction=1.0, random_state=42):
     "(mask keeping all frauds and a seeded `legit_fraction` of legitimate rows, the kept rows' weights standing for all)."
     if not 0 < legit_fraction <= 1: raise ValueError(f"legit_fraction must be in (0, 1], not {legit_fraction}")
     keep = (y == 1) | (np.random.default_rng(random_state).random(len(y)) < legit_fraction)
     return keep, np.where(y[keep] == 1, 1.0, 1 / legit_fraction)
 
+# %% ../nbs/02a_modelling.ipynb #b9dfcd08
 def fit_model(model, X, y, legit_fraction=1.0, random_state=42):
     "Fit pipeline `model` on all frauds and a seeded `legit_fraction` of legitimate rows, re-weighted to stand for all."
     keep, weight = legit_sample(y, legit_fraction, random_state)
     if legit_fraction == 1: return model.fit(X, y)
     return model.fit(X[keep], y[keep], **{f'{model.steps[-1][0]}__sample_weight': weight})
-
-def fraud_probability(model, X):
-    "P(fraud) for each row of `X` (the positive-class column of `predict_proba`)."
-    return model.predict_proba(X)[:, 1]
 
 # %% ../nbs/02a_modelling.ipynb #97df8b99
 VERDICTS = ('legit', 'fraud')  # verdict 0 and 1, as the API and `fraud-mlops score` write them
