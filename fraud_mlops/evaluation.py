@@ -12,6 +12,9 @@ __all__ = ['POLICIES', 'PLATEAU', 'CALIBRATION_EDGES', 'threshold_table', 'f1_cu
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from .data import DAY
+from .modelling import VERDICTS, is_fraud
+
 # %% ../nbs/02b_evaluation.ipynb #72f12923
 def _check(y, p):
     y, p = np.asarray(y), np.asarray(p, dtype='float64')
@@ -93,7 +96,7 @@ def _rates(tp, fp, fn):
 def classification_metrics(y, p, threshold):
     "Precision, recall, F1, AUPRC, ROC AUC and the confusion matrix of `p >= threshold` against `y`."
     y, p = _check(y, p)
-    pred = p >= threshold
+    pred = is_fraud(p, threshold)
     tp, fp = int(np.sum(pred & (y == 1))), int(np.sum(pred & (y == 0)))
     fn, tn = int(np.sum(~pred & (y == 1))), int(np.sum(~pred & (y == 0)))
     precision, recall, f1 = (float(v) for v in _rates(np.float64(tp), np.float64(fp), np.float64(fn)))
@@ -105,7 +108,7 @@ def classification_metrics(y, p, threshold):
 def money_view(y, p, threshold, amounts, review_cost=5.0):
     "Fraud amount caught and missed, alerts raised and their review cost at `threshold`."
     y, p = _check(y, p)
-    a, pred = np.asarray(amounts, dtype='float64'), p >= threshold
+    a, pred = np.asarray(amounts, dtype='float64'), is_fraud(p, threshold)
     caught, missed, alerts = float(a[pred & (y == 1)].sum()), float(a[~pred & (y == 1)].sum()), int(pred.sum())
     return {'fraud_amount_caught': caught, 'fraud_amount_missed': missed, 'alerts': alerts,
             'review_cost': review_cost * alerts, 'total_cost': missed + review_cost * alerts, 'review_fee': review_cost}
@@ -115,10 +118,10 @@ def budget_precision(y, p, times, alerts_per_day):
     "Precision of each day's `alerts_per_day` highest scores (pro rata for days `times` cover in part), over all days."
     y, p = _check(y, p)
     times = np.asarray(times, dtype='float64')
-    day, hits, alerts, days = times // 86_400, 0, 0, []
+    day, hits, alerts, days = times // DAY, 0, 0, []
     for d in np.unique(day):
         rows = np.flatnonzero(day == d)
-        k = int(min(len(rows), max(1, round(alerts_per_day * np.ptp(times[rows]) / 86_400))))
+        k = int(min(len(rows), max(1, round(alerts_per_day * np.ptp(times[rows]) / DAY))))
         caught = int(y[rows[np.argsort(-p[rows], kind='stable')[:k]]].sum())
         hits, alerts = hits + caught, alerts + k
         days.append({'day': int(d), 'alerts': k, 'frauds': caught, 'precision': caught / k})
@@ -132,7 +135,7 @@ def bootstrap_intervals(y, p, threshold, n_boot=1000, seed=0, level=0.95):
     order = np.argsort(-p, kind='stable')                            # sorted once: a resample only reweights rows
     ys, ps = y[order] == 1, p[order]
     last = np.r_[np.flatnonzero(np.diff(ps)), n - 1]                 # the last row of each run of equal scores
-    flagged = ps >= threshold
+    flagged = is_fraud(ps, threshold)
     draws = {k: [] for k in ('precision', 'recall', 'f1', 'auprc')}
     for _ in range(n_boot):
         w = np.bincount(rng.integers(0, n, n), minlength=n)[order].astype('float64')
@@ -182,6 +185,7 @@ def plot_pr_curve(y, p, threshold=None, ax=None, label=None):
     ax.legend(loc='lower left', fontsize='small')
     return ax
 
+# %% ../nbs/02b_evaluation.ipynb #18203c3d
 def plot_threshold_curves(y, p, threshold=None, ax=None):
     "Plot precision, recall and F1 of `p >= t` against the threshold t; return the axes."
     import matplotlib.pyplot as plt
@@ -193,6 +197,7 @@ def plot_threshold_curves(y, p, threshold=None, ax=None):
     ax.set(xlabel='threshold', ylim=(0, 1.01), title='Metrics against threshold'); ax.legend(fontsize='small')
     return ax
 
+# %% ../nbs/02b_evaluation.ipynb #f22dcee5
 def plot_confusion(metrics, ax=None):
     "Show the confusion matrix held in `metrics` (from `classification_metrics`); return the axes."
     import matplotlib.pyplot as plt
@@ -200,10 +205,11 @@ def plot_confusion(metrics, ax=None):
     cm = np.array([[metrics['tn'], metrics['fp']], [metrics['fn'], metrics['tp']]])
     ax.imshow(np.log1p(cm), cmap='Blues')
     for (i, j), v in np.ndenumerate(cm): ax.text(j, i, f'{v:,}', ha='center', va='center')
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=['legit', 'fraud'], yticklabels=['legit', 'fraud'],
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=VERDICTS, yticklabels=VERDICTS,
            xlabel='predicted', ylabel='actual', title=f"threshold {metrics['threshold']:.3f}")
     return ax
 
+# %% ../nbs/02b_evaluation.ipynb #f9e9f196
 CALIBRATION_EDGES = (0, .001, .003, .01, .03, .1, .3, .5, .7, .9, 1)
 
 def plot_calibration(y, p, ax=None, label=None, edges=CALIBRATION_EDGES):
