@@ -10,7 +10,7 @@ request, and the ratios. All traffic goes to 127.0.0.1, each run is bounded in t
 shipped (metrics and its JSON access log on, which replaces uvicorn's); the no-model ceiling runs without
 any access log, the seed's reference with uvicorn's default one, as the seed shipped it.
 """
-import argparse, asyncio, json, os, re, shutil, socket, subprocess, sys, tempfile, time
+import argparse, asyncio, json, os, re, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import httpx
@@ -21,11 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from fraud_mlops.data import CI_SUBSET, FEATURES, TARGET, load_transactions, resolve_path  # noqa: E402
 from fraud_mlops.registry import StoreError, open_store, read_champion, save_version, set_champion  # noqa: E402
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+from common import start_uvicorn, stop  # noqa: E402  (bench/common.py, beside this script)
 
 
 def load_avg():
@@ -48,28 +44,12 @@ def champion_store(uri, X, y, tmp, model=None):
     return store.uri, f"{r.kind} trained on the CI subset ({len(df)} rows), version {m['version']}"
 
 
-def start(app, env, port, workers, log_path, app_dir=None, quiet=False):
-    "Start uvicorn serving `app`; `quiet`: without uvicorn's own access log."
-    cmd = [sys.executable, '-m', 'uvicorn', app, '--host', '127.0.0.1', '--port', str(port), '--workers', str(workers)]
-    if app_dir: cmd += ['--app-dir', str(app_dir)]
-    if quiet: cmd += ['--no-access-log']
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=open(log_path, 'wb'), stderr=subprocess.STDOUT)
-    url, deadline = f'http://127.0.0.1:{port}', time.monotonic() + 120
+def start(app, env, workers, log_path, app_dir=None, quiet=False):
+    "Start uvicorn serving `app`, ready once /predict answers the example; `quiet`: without uvicorn's own access log."
+    args = ['--workers', workers, *(['--app-dir', app_dir] if app_dir else []), *(['--no-access-log'] if quiet else [])]
     body = json.dumps({'features': X_EXAMPLE}).encode()
-    while time.monotonic() < deadline:
-        if proc.poll() is not None: raise SystemExit(f'{app} exited:\n' + Path(log_path).read_text(errors='replace')[-3000:])
-        try:
-            r = httpx.post(f'{url}/predict', content=body, headers={'content-type': 'application/json'}, timeout=2)
-            if r.status_code == 200: return proc, url
-        except httpx.TransportError: pass
-        time.sleep(0.2)
-    proc.terminate(); raise SystemExit(f'{app} not answering within 120 s')
-
-
-def stop(proc):
-    proc.terminate()
-    try: proc.wait(15)
-    except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+    ready = lambda url: httpx.post(f'{url}/predict', content=body, headers={'content-type': 'application/json'}, timeout=2).status_code == 200
+    return start_uvicorn(app, env, log_path, *args, ready=ready)
 
 
 def wrk(url, body_file, connections, seconds, tmp):
@@ -156,12 +136,12 @@ def main():
                    ('no-model constant', 'constant_app:app', {}, ROOT / 'bench')]
         results = {}
         for name, app, env, app_dir in servers:  # the ceiling logs nothing; ours replaces uvicorn's log line with its own
-            proc, url = start(app, env, free_port(), args.workers, f'{tmp}/{name.replace(" ", "_")}.log', app_dir,
+            proc, url = start(app, env, args.workers, f'{tmp}/{name.replace(" ", "_")}.log', app_dir,
                               quiet=name == 'no-model constant')
             try: results[name] = measure(name, url, files, args, tmp)
             finally: stop(proc)
-        proc, url = start('fraud_mlops.serving:app', {'FRAUD_MLOPS_STORE': store, 'FRAUD_MLOPS_ACCESS_LOG': '0'}, free_port(),
-                          args.workers, f'{tmp}/nolog.log', quiet=True)  # no access log at all
+        proc, url = start('fraud_mlops.serving:app', {'FRAUD_MLOPS_STORE': store, 'FRAUD_MLOPS_ACCESS_LOG': '0'}, args.workers,
+                          f'{tmp}/nolog.log', quiet=True)  # no access log at all
         try: nolog = load(f'{url}/predict', files['single'], 8, args.seconds, tmp)
         finally: stop(proc)
         ours, refr, const = results['fraud-mlops'], results['seed reference'], results['no-model constant']
