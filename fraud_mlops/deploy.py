@@ -12,7 +12,7 @@ import json, math, re, sys
 from copy import deepcopy
 from pathlib import Path
 
-from .registry import s3_config
+from .store import s3_config
 
 # %% ../nbs/08_deploy.ipynb #22271f67
 class DeployError(Exception):

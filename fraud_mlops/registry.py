@@ -17,8 +17,7 @@ import joblib
 import numpy as np
 
 from .config import settings
-from .store import (ConflictError, IntegrityError, Missing, NoChampion, NotModified, StoreError, open_store, sha256_hex,
-                               store_uri, utcnow, who)
+from .store import *  # noqa: F403 (the store's names are the registry's vocabulary)
 
 # %% ../nbs/02c_registry.ipynb #60a27edd
 SIGNING_KEY_VAR = 'FRAUD_MLOPS_SIGNING_KEY'
