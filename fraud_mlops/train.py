@@ -228,6 +228,7 @@ def write_partitions(X, y, folder, rows=50_000, filesystem=None):
         pq.write_table(pa.table({**part, TARGET: y[start:start + rows]}), path, filesystem=filesystem)
     return paths
 
+# %% ../nbs/02e_training.ipynb #d9566936
 def _read_partition(path, filesystem=None):
     "One Parquet partition as a pandas frame (read on a worker)."
     import pyarrow.parquet as pq
@@ -313,10 +314,12 @@ def library_versions():
     except ImportError: pass
     return versions
 
+# %% ../nbs/02e_training.ipynb #b0df273e
 def peak_memory_mb():
     "Peak resident memory of this process so far, in MB."
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+# %% ../nbs/02e_training.ipynb #5b59daf0
 def _protocol(params, n_boot):
     if params.get('protocol', 'rolling') == 'holdout':
         return {'name': 'holdout', 'split': 'time-ordered 60/20/20', 'threshold_chosen_on': 'validation',
