@@ -78,6 +78,7 @@ def container(td, name):
     names = ', '.join(str(c.get('name')) for c in td['containerDefinitions'])
     raise DeployError(f"task definition {td.get('family')} has no container {name!r} (it has: {names}); pass --container")
 
+# %% ../nbs/08_deploy.ipynb #71e18203
 def _set_named(items, name, key, value):
     "Set `key` of the entry named `name` in list `items` to `value`, adding the entry if absent."
     for item in items:
@@ -103,6 +104,7 @@ def render_task_definition(td, image, name='api', env=(), outputs=None, region=N
     for k, v in env: _set_named(c.setdefault('environment', []), k, 'value', v)
     return td
 
+# %% ../nbs/08_deploy.ipynb #1b495aa4
 def parse_env(pairs):
     "(name, value) pairs from `NAME=VALUE` strings."
     out = []
