@@ -6,7 +6,7 @@
 __all__ = ['MAX_LEAVES', 'ALL', 'score_rows', 'Unsupported', 'ForestTables', 'forest_tables', 'QuickScorer']
 
 # %% ../nbs/05a_quickscorer.ipynb #24f98b3f
-import math, os, threading
+import math, threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -14,13 +14,16 @@ import numpy as np
 from numba import njit
 from numba.cpython.unsafe.numbers import trailing_zeros
 
-# %% ../nbs/05a_quickscorer.ipynb #43065887
+from .config import usable_cores
+
+# %% ../nbs/05a_quickscorer.ipynb #653068d7
 MAX_LEAVES = 32
 ALL = 0xFFFF_FFFF
 
 class Unsupported(ValueError):
     "A forest that this runtime cannot score exactly; the message says why."
 
+# %% ../nbs/05a_quickscorer.ipynb #eebbe620
 @dataclass(frozen=True)
 class ForestTables:
     "A binary LightGBM forest as QuickScorer tables."
@@ -89,6 +92,12 @@ def forest_tables(booster, iterations=-1):
     return ForestTables(np.array(start, np.int64), np.array(threshold, np.float64), np.array(node, np.uint64),
                         np.array(full, np.uint32), np.array(leaf_start, np.int32), np.array(leaf_value, np.float64), sigmoid)
 
+# %% ../nbs/05a_quickscorer.ipynb #17df9af4
+def _compile(f):
+    "Numba-compile `f` without the GIL, cached on disk where a cache directory is writable, else once per process."
+    try: return njit(nogil=True, cache=True)(f)
+    except RuntimeError: return njit(nogil=True)(f)  # numba finds no writable cache location (read-only install)
+
 # %% ../nbs/05a_quickscorer.ipynb #ff4020b7
 def _score_rows(rows, derived, source, start, threshold, node, full, leaf_start, leaf_value, sigmoid, out):
     "Write P(class 1) of every row to `out`; column j of the model is rows[:, c] for c = source[j] >= 0, else derived[:, ~c]."
@@ -111,23 +120,19 @@ def _score_rows(rows, derived, source, start, threshold, node, full, leaf_start,
         for t in range(trees): score += leaf_value[leaf_start[t] + trailing_zeros(alive[t])]
         out[r] = 1.0 / (1.0 + math.exp(-sigmoid * score))
 
-def _compile(f):
-    "Numba-compile `f` without the GIL, cached on disk where a cache directory is writable, else once per process."
-    try: return njit(nogil=True, cache=True)(f)
-    except RuntimeError: return njit(nogil=True)(f)  # numba finds no writable cache location (read-only install)
-
 score_rows = _compile(_score_rows)
 
-# %% ../nbs/05a_quickscorer.ipynb #c37763a5
+# %% ../nbs/05a_quickscorer.ipynb #06f7f913
 _pool, _pool_lock = None, threading.Lock()
 
 def _threads_pool():
-    "The process-wide pool that scores the slices of a batch after the first."
+    "The process-wide pool that scores the slices of a batch after the first: one thread for each usable core but the caller's."
     global _pool
     with _pool_lock:
-        if _pool is None: _pool = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1), thread_name_prefix='quickscorer')
+        if _pool is None: _pool = ThreadPoolExecutor(max(1, usable_cores() - 1), thread_name_prefix='quickscorer')
         return _pool
 
+# %% ../nbs/05a_quickscorer.ipynb #88f5258b
 class QuickScorer:
     "P(class 1) of raw float64 rows through `tables`; model column j is raw column c = source[j] >= 0, else derive(rows)[:, ~c]."
     def __init__(self, tables, source, derive=None):
