@@ -58,6 +58,7 @@ def new_version_id():
     now = datetime.now(timezone.utc)
     return now.strftime('%Y%m%dT%H%M%S') + f'.{now.microsecond // 1000:03d}Z-' + secrets.token_hex(3)
 
+# %% ../nbs/02c_registry.ipynb #21002574
 def _npz_bytes(**arrays):
     buf = io.BytesIO(); np.savez_compressed(buf, **arrays); return buf.getvalue()
 
@@ -79,10 +80,12 @@ def save_version(store, model, manifest, eval_X, eval_y, eval_p=None):
     store.put_new(f'versions/{version}/manifest.json', json.dumps(manifest, indent=1).encode())
     return manifest
 
+# %% ../nbs/02c_registry.ipynb #d93d5608
 def list_versions(store):
     "Ids of complete versions (those with a manifest), oldest first."
     return [k.split('/')[1] for k in store.keys('versions') if k.endswith('/manifest.json') and k.count('/') == 2]
 
+# %% ../nbs/02c_registry.ipynb #27b2266f
 def delete_version(store, version):
     "Remove every file of `version`, the manifest first so that it disappears whole."
     store.delete(f'versions/{version}/manifest.json')
@@ -100,6 +103,7 @@ def load_manifest(store, version, verify=True):
     if verify and (key := signing_key()): verify_manifest(manifest, key, version)
     return manifest
 
+# %% ../nbs/02c_registry.ipynb #37b66395
 def _check_manifest(m, version):
     "`m` if it has the entries loading relies on, else `IntegrityError`."
     files = [m.get(k) for k in ('model', 'evaluation')] if isinstance(m, dict) else []
@@ -123,16 +127,19 @@ def model_from(store, manifest):
     try: return joblib.load(io.BytesIO(data))
     except Exception as e: raise IntegrityError(f"model of version {manifest['version']} cannot be loaded: {e!r}") from None
 
+# %% ../nbs/02c_registry.ipynb #00651408
 def load_model(store, version):
     "(model, manifest) of `version`: signature (with a key) and SHA-256 checked before unpickling."
     manifest = load_manifest(store, version)
     return model_from(store, manifest), manifest
 
+# %% ../nbs/02c_registry.ipynb #d346cd52
 def load_evidence(store, manifest):
     "{X, y[, p]}: the frozen evaluation rows of the version described by `manifest`, checked, with its own P(fraud) of them if stored."
     data = _verified(store, manifest['version'], manifest['evaluation'])
     with np.load(io.BytesIO(data), allow_pickle=False) as z: return {k: z[k] for k in z.files if k in ('X', 'y', 'p')}
 
+# %% ../nbs/02c_registry.ipynb #4500568a
 def load_evaluation(store, manifest):
     "(X, y): the frozen evaluation rows of the version described by `manifest`, checked."
     ev = load_evidence(store, manifest)
