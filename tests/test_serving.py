@@ -1,18 +1,22 @@
 "Tests of the HTTP API (fraud_mlops.serving): contract, bad input, readiness, reload, and one real uvicorn server."
-import json, os, subprocess, sys, time
+import json, os, re, subprocess, sys, time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from fastapi import Depends, HTTPException
 from fastapi.testclient import TestClient
+from starlette.middleware.gzip import GZipMiddleware
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from fraud_mlops.config import ConfigError
 from fraud_mlops.data import FEATURES, TARGET
 from fraud_mlops.registry import read_champion, save_version, set_champion
-from fraud_mlops.serving import EXAMPLE_FEATURES, app
+from fraud_mlops.runtime import EXAMPLE_FEATURES
+from fraud_mlops.serving import FastPathError, app, create_app
 from test_end_to_end import free_port  # one loopback port helper for every real-server test
 
 TOKEN = 'test-admin-token'
@@ -121,8 +125,7 @@ def test_threshold_decides(store, monkeypatch, model, data):
 
 
 def test_served_model_is_single_threaded(client):
-    from fraud_mlops import serving
-    assert serving.state.served.model.get_params()['randomforestclassifier__n_jobs'] == 1
+    assert client.app.state.worker.served.model.get_params()['randomforestclassifier__n_jobs'] == 1
 
 
 def test_metrics(client, champion):
@@ -228,7 +231,7 @@ def test_batch_limit(champion, monkeypatch):
 
 def test_bad_batch_limit_setting_stops_start(champion, monkeypatch):
     monkeypatch.setenv('FRAUD_MLOPS_MAX_BATCH', 'many')
-    with pytest.raises(ValueError, match="FRAUD_MLOPS_MAX_BATCH must be a positive integer, got 'many'"):
+    with pytest.raises(ConfigError, match="FRAUD_MLOPS_MAX_BATCH='many': expected a whole number"):
         with TestClient(app): pass
 
 
@@ -280,9 +283,10 @@ def test_reload_after_a_late_champion(store, monkeypatch, model, data):
 
 # ---------------------------------------------------------------- reload
 
-def test_reload_disabled_without_token(client, monkeypatch):
-    monkeypatch.delenv('FRAUD_MLOPS_ADMIN_TOKEN')
-    r = client.post('/reload', headers=ADMIN)
+def test_reload_disabled_without_token(champion, monkeypatch):
+    monkeypatch.delenv('FRAUD_MLOPS_ADMIN_TOKEN')  # read with the other settings when the worker starts
+    with TestClient(app) as c:
+        r = c.post('/reload', headers=ADMIN)
     assert (r.status_code, r.json()) == (403, {'detail': 'reload is disabled: set FRAUD_MLOPS_ADMIN_TOKEN'})
 
 
@@ -368,9 +372,9 @@ def test_real_uvicorn_server(store, champion, tmp_path):
 
 def test_one_json_log_line_per_request(client, champion, monkeypatch):
     import io
-    from fraud_mlops import serving
-    out = io.BytesIO()
-    serving.state.access_log = serving.AccessLog(out, lines=1)
+    from fraud_mlops.observability import AccessLog
+    out, telemetry = io.BytesIO(), client.app.state.worker.telemetry
+    telemetry.access_log = AccessLog(out, lines=1)
     client.post('/predict', json={'features': EXAMPLE_FEATURES}, headers={'X-Request-ID': 'trace-7'})
     r = client.post('/predict', json={'features': [1]})
     client.get('/nowhere')
@@ -379,7 +383,7 @@ def test_one_json_log_line_per_request(client, champion, monkeypatch):
                                                                               ('other', 404, None)]
     assert lines[0]['id'] == 'trace-7' and lines[1]['id'] == r.headers['x-request-id'] != 'trace-7'
     assert {'time', 'method', 'ms', 'pid'} <= set(lines[0]) and 'features' not in lines[0]  # no raw features by default
-    serving.state.log_features = True
+    telemetry.log_features = True  # what FRAUD_MLOPS_LOG_FEATURES=1 sets at start-up
     client.post('/predict', json={'features': EXAMPLE_FEATURES})
     assert json.loads(out.getvalue().splitlines()[-1])['features'] == EXAMPLE_FEATURES
 
@@ -404,7 +408,7 @@ def test_fast_parser_accepts_what_pydantic_accepts(client, model, body):
 
 def test_default_model_runtime_matches_pipeline(store, monkeypatch, ci_df, add_candidate):
     "The shipped default (a real trained LightGBM candidate) is served by QuickScorer (batches) and the C API (single rows) with predict_proba's probabilities."
-    from fraud_mlops import runtime, serving
+    from fraud_mlops import runtime
     from fraud_mlops.registry import load_model
     v = add_candidate(store, n_estimators=60)
     set_champion(store, v, None)
@@ -412,7 +416,8 @@ def test_default_model_runtime_matches_pipeline(store, monkeypatch, ci_df, add_c
     X = ci_df[FEATURES].to_numpy()
     pipeline = load_model(store, v)[0]
     with TestClient(app) as c:
-        assert serving.state.served.runtime == 'lightgbm-quickscorer'
+        served = c.app.state.worker.served
+        assert served.runtime == 'lightgbm-quickscorer'
         want = pipeline.predict_proba(X[:200])[:, 1]
         batch = c.post('/predict/batch', json={'instances': X[:200].tolist()}).json()['predictions']
         singles = [c.post('/predict', json={'features': x.tolist()}).json()['fraud_probability'] for x in X[:50]]
@@ -420,8 +425,101 @@ def test_default_model_runtime_matches_pipeline(store, monkeypatch, ci_df, add_c
         r = c.post('/predict/batch', json={'instances': big.tolist()})
         assert r.status_code == 200
         p_big = np.array([p['fraud_probability'] for p in r.json()['predictions']])
-        p_one = serving.state.served.predict.booster.predict(pipeline.steps[0][1].transform(big), num_threads=1)
+        p_one = served.predict.booster.predict(pipeline.steps[0][1].transform(big), num_threads=1)
     assert p_big.tobytes() == p_one.tobytes()  # more threads, the very same probabilities
     assert np.abs(p_big - pipeline.predict_proba(big)[:, 1]).max() <= runtime.TOLERANCE
     assert np.abs(np.array([p['fraud_probability'] for p in batch]) - want).max() <= runtime.TOLERANCE
     assert np.abs(np.array(singles) - want[:50]).max() <= runtime.TOLERANCE
+
+
+# ---------------------------------------------------------------- the fast path around FastAPI
+
+def test_fast_paths_come_from_the_route_table():
+    from fraud_mlops.serving import fast_paths, score_batch, score_one
+    assert fast_paths(app) == {'/predict': score_one, '/predict/batch': score_batch}
+    t = create_app()
+    t.router.routes.remove(next(r for r in t.router.routes if getattr(r, 'path', None) == '/predict/batch'))
+    assert fast_paths(t) == {'/predict': score_one}  # a route no longer declared is no longer answered around FastAPI
+
+
+def test_scoring_goes_around_fastapi_and_the_rest_through_it(client):
+    async def refuse(scope, receive, send): raise AssertionError(f"{scope['path']} went through FastAPI")
+    stack, client.app.middleware_stack = client.app.middleware_stack, refuse
+    try:
+        assert client.post('/predict', json={'features': EXAMPLE_FEATURES}).status_code == 200
+        assert client.post('/predict/batch', json={'instances': [EXAMPLE_FEATURES]}).status_code == 200
+        with pytest.raises(AssertionError, match='/health/ready went through FastAPI'): client.get('/health/ready')
+    finally: client.app.middleware_stack = stack
+
+
+def test_the_fast_path_answers_what_fastapi_would(client, data):
+    "The same requests sent straight into FastAPI's stack (past the fast path) get the same status, body and content type."
+    from fastapi import FastAPI
+    async def through_fastapi(scope, receive, send): await FastAPI.__call__(client.app, scope, receive, send)
+    plain = TestClient(through_fastapi)  # no lifespan of its own: it uses the worker `client` started
+    X, _ = data
+    requests = [('/predict', json.dumps({'features': X[0].tolist()})), ('/predict/batch', json.dumps({'instances': X[:100].tolist()})),
+                *(('/predict', body) for body, _ in BAD_SINGLE), *(('/predict/batch', json.dumps(body)) for body, _ in BAD_BATCH),
+                ('/predict', json.dumps({'features': EXAMPLE_FEATURES, 'pad': 'x' * 70_000}))]
+    def same():
+        for path, body in requests:
+            a, b = post_raw(client, path, body), post_raw(plain, path, body)
+            assert (a.status_code, a.content, a.headers['content-type']) == (b.status_code, b.content, b.headers['content-type']), body[:80]
+    same()
+    client.app.state.worker.served = None  # and while no model is served: the same 503
+    same()
+
+
+async def audit(): pass
+
+
+def add_again(t, path, **changes):
+    "Declare `path` of app `t` again, last, as someone editing its route might: same endpoint, with `changes`."
+    r = next(r for r in t.router.routes if getattr(r, 'path', None) == path)
+    t.router.routes.remove(r)
+    t.add_api_route(path, changes.pop('endpoint', r.endpoint), **{'methods': ['POST'], **changes})
+
+
+def with_parameter(t, path):
+    from fastapi import Request
+    from fraud_mlops.serving import worker
+    scorer = next(r for r in t.router.routes if getattr(r, 'path', None) == path).endpoint.scorer
+    async def endpoint(request: Request, explain: int = 0):  # a new query parameter the scorer would never see
+        return await scorer(request.scope, request.receive, await worker(request))
+    endpoint.scorer = scorer
+    add_again(t, path, endpoint=endpoint)
+
+
+def declared_before(t, path):
+    "Another POST `path` route, declared before the scoring one: FastAPI would route the request to it."
+    from fraud_mlops.serving import live
+    t.post(path)(live)
+    t.router.routes.insert(0, t.router.routes.pop())
+
+
+CHANGES = {  # what someone might add (to the route at `path`, or to the whole app), and what the fast path would then skip
+    'dependency': (lambda t, path: add_again(t, path, dependencies=[Depends(audit)]), 'dependency audit'),
+    'query parameter': (with_parameter, 'parameter explain'),
+    'other method': (lambda t, path: add_again(t, path, methods=['POST', 'PUT']), "methods ['POST', 'PUT']"),
+    'earlier route': (declared_before, 'earlier route'),
+    'middleware': (lambda t, path: t.add_middleware(GZipMiddleware), 'middleware GZipMiddleware'),
+    'http middleware': (lambda t, path: t.middleware('http')(lambda request, call_next: call_next(request)), 'middleware BaseHTTPMiddleware'),
+    'exception handler': (lambda t, path: t.add_exception_handler(Exception, lambda request, exc: None), 'exception handler for Exception'),
+    'HTTPException handler': (lambda t, path: t.add_exception_handler(HTTPException, lambda request, exc: None), 'exception handler for HTTPException'),
+    'status handler': (lambda t, path: t.add_exception_handler(503, lambda request, exc: None), 'exception handler for 503'),
+}
+APP_WIDE = {'middleware', 'http middleware', 'exception handler', 'HTTPException handler', 'status handler'}  # /predict comes first
+
+
+@pytest.mark.parametrize('path', ['/predict', '/predict/batch'])
+@pytest.mark.parametrize('change', CHANGES)
+def test_a_worker_refuses_to_start_when_the_fast_path_would_skip_something(change, path, tmp_path, monkeypatch):
+    monkeypatch.setenv('FRAUD_MLOPS_STORE', str(tmp_path / 'none'))  # no model: starts at once, unready
+    monkeypatch.setenv('FRAUD_MLOPS_POLL_SECONDS', '0')
+    with TestClient(create_app()) as c: assert c.get('/health/live').status_code == 200  # unchanged, it starts
+    t = create_app()
+    make, skipped = CHANGES[change]
+    make(t, path)
+    named = '/predict' if change in APP_WIDE else path
+    with pytest.raises(FastPathError, match=re.escape(f'POST {named} is answered around FastAPI, which would skip its ') + '.*' + re.escape(skipped)):
+        with TestClient(t): pass
