@@ -49,7 +49,7 @@ def next_model(uri=None, current=None, seen_tag=None, threads=None):
     if tag is not None and tag == seen_tag: return None, tag
     if pointer is None: raise NoChampion(f"store {store.uri} has no champion yet: train a model and promote it")
     if pointer['version'] == current: return None, tag
-    try: return prepare_model(*load_champion(store, pointer), threads or settings().batch_threads), tag  # the tag's version, no second read
+    try: return prepare_model(*load_champion(store, pointer), threads), tag  # the version the tag belongs to, no second read
     except LOAD_ERRORS as e:
         e.tag = tag  # what the caller should not try again until the pointer changes
         raise
