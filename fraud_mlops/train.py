@@ -5,8 +5,9 @@
 # %% auto #0
 __all__ = ['MIN_FRAUDS', 'SUMMARY', 'MIN_TRAIN_FRAUDS', 'PROTOCOLS', 'ROW', 'TrainingResult', 'in_parallel', 'out_of_fold',
            'span_days', 'fit_recipe', 'holdout_threshold', 'evaluate_fold', 'rolling_evaluation', 'seed_recipe',
-           'compare_on_folds', 'train_candidate', 'write_partitions', 'fit_model_dask', 'result_row', 'reference_row',
-           'search_lgbm', 'library_versions', 'peak_memory_mb', 'build_manifest', 'target_report']
+           'compare_on_folds', 'train_candidate', 'write_partitions', 'remove_partitions', 'fit_model_dask',
+           'result_row', 'reference_row', 'search_lgbm', 'library_versions', 'peak_memory_mb', 'build_manifest',
+           'target_report']
 
 # %% ../nbs/02e_training.ipynb #0599df54
 import platform, resource, time
@@ -243,6 +244,17 @@ def _fit_partition(part, legit_fraction, random_state, partition_info=None):
     out[TARGET], out['weight'] = y[keep], weight
     return out
 
+# %% ../nbs/02e_training.ipynb #ea0ba273
+def remove_partitions(folder, filesystem=None):
+    "Delete partition folder `folder` (local, or on pyarrow `filesystem`); a failure is a warning, since the fit is done."
+    import shutil, warnings
+    try:
+        if filesystem is None: shutil.rmtree(folder)
+        else: filesystem.delete_dir(folder)
+    except FileNotFoundError: pass
+    except OSError as e: warnings.warn(f"could not remove the training partitions at {folder}: {e}")
+
+# %% ../nbs/02e_training.ipynb #7d723793
 def fit_model_dask(model, X, y, legit_fraction=1.0, random_state=42, client=None, folder=None, partition_rows=50_000,
                    filesystem=None):
     "Fit LightGBM pipeline `model` with `lightgbm.dask` on `client`'s workers from Parquet partitions of (X, y); return a plain pipeline."
@@ -252,18 +264,21 @@ def fit_model_dask(model, X, y, legit_fraction=1.0, random_state=42, client=None
     from sklearn.pipeline import Pipeline
     est = model.steps[-1][1]
     if type(est).__name__ != 'LGBMClassifier': raise ValueError("the Dask engine trains LightGBM: use model='lgbm'")
-    base = str(folder or tempfile.mkdtemp(prefix='fraud-mlops-partitions-')).rstrip('/')
-    parts = write_partitions(X, y, f'{base}/fit-{secrets.token_hex(4)}', partition_rows, filesystem)
-    names = list(FraudFeatures().get_feature_names_out())
-    meta = pd.DataFrame({**{c: pd.Series(dtype='float64') for c in names}, TARGET: pd.Series(dtype='int64'),
-                         'weight': pd.Series(dtype='float64')})
-    raw = pd.DataFrame({**{c: pd.Series(dtype='float64') for c in FEATURES}, TARGET: pd.Series(dtype='int64')})
-    frame = dd.from_map(_read_partition, parts, filesystem=filesystem, meta=raw, enforce_metadata=False)
-    rows = frame.map_partitions(_fit_partition, legit_fraction, random_state, meta=meta)
-    lengths = tuple(rows.map_partitions(len).compute())           # one pass, so the arrays know their chunks
-    Xd, yd, wd = (rows[c].to_dask_array(lengths=lengths) for c in (names, TARGET, 'weight'))
-    params = {k: v for k, v in est.get_params().items() if k != 'n_jobs'}   # each worker uses its own threads
-    dist = DaskLGBMClassifier(client=client, **params).fit(Xd, yd, sample_weight=wd)
+    where = (tempfile.mkdtemp(prefix='fraud-mlops-partitions-') if folder is None
+             else f"{str(folder).rstrip('/')}/fit-{secrets.token_hex(4)}")
+    try:
+        parts = write_partitions(X, y, where, partition_rows, filesystem)
+        names = list(FraudFeatures().get_feature_names_out())
+        meta = pd.DataFrame({**{c: pd.Series(dtype='float64') for c in names}, TARGET: pd.Series(dtype='int64'),
+                             'weight': pd.Series(dtype='float64')})
+        raw = pd.DataFrame({**{c: pd.Series(dtype='float64') for c in FEATURES}, TARGET: pd.Series(dtype='int64')})
+        frame = dd.from_map(_read_partition, parts, filesystem=filesystem, meta=raw, enforce_metadata=False)
+        rows = frame.map_partitions(_fit_partition, legit_fraction, random_state, meta=meta)
+        lengths = tuple(rows.map_partitions(len).compute())           # one pass, so the arrays know their chunks
+        Xd, yd, wd = (rows[c].to_dask_array(lengths=lengths) for c in (names, TARGET, 'weight'))
+        params = {k: v for k, v in est.get_params().items() if k != 'n_jobs'}   # each worker uses its own threads
+        dist = DaskLGBMClassifier(client=client, **params).fit(Xd, yd, sample_weight=wd)
+    finally: remove_partitions(where, filesystem)   # written for this fit only: never left behind
     return Pipeline([('features', FraudFeatures()), ('model', dist.to_local())])
 
 # %% ../nbs/02e_training.ipynb #74f748f9
