@@ -80,10 +80,10 @@ def test_bad_rows_are_skipped_and_listed_or_fail_the_job_with_nothing_written(st
 
 
 def test_bad_files_and_a_missing_model_are_clear_errors(store, add_candidate, inputs, tmp_path):
-    "Each refusal exits 2 with one line saying what is wrong, and leaves no output behind."
+    "Each refusal exits with one line saying what is wrong (2 for the input, 4 for the store), and leaves no output behind."
     _, d = inputs
     r = cli('score', d/'ci.csv', tmp_path/'o.csv', '--store', store.root)
-    assert r.returncode == 2 and 'has no champion yet' in r.stderr
+    assert r.returncode == 4 and 'has no champion yet' in r.stderr          # the store's failure, not the input's
     champion(store, add_candidate)
     (tmp_path/'cols.csv').write_text('Time,V1,Amount\n1,2,3\n')
     (tmp_path/'ragged.csv').write_text(','.join(FEATURES) + '\n' + ','.join(['1'] * 30) + '\n' + ','.join(['1'] * 29) + '\n')
@@ -96,7 +96,7 @@ def test_bad_files_and_a_missing_model_are_clear_errors(store, add_candidate, in
         r = cli('score', src, tmp_path/'o.csv', '--store', store.root)
         assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, (src, r.stderr)
     r = cli('score', d/'ci.csv', tmp_path/'o.csv', '--store', store.root, '--version', 'nope')
-    assert r.returncode == 2 and 'version nope not found' in r.stderr
+    assert r.returncode == 4 and 'version nope not found' in r.stderr
     assert not (tmp_path/'o.csv').exists() and not [p for p in tmp_path.iterdir() if p.name.startswith('.')]
 
 
