@@ -8,7 +8,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 export FRAUD_MLOPS_STORE ?= registry
 
-.PHONY: help install data train promote serve run test lint lab bench bench-scale bench-quality clean
+.PHONY: help install data train promote serve run test test-fast lint lab bench bench-scale bench-quality clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -42,6 +42,10 @@ run: ## the main job: set up, fetch the real data, train on all of it, promote, 
 test: install ## notebook tests (nbdev_test) and integration tests (pytest)
 	FRAUD_MLOPS_STORE=$$(mktemp -d) $(BIN)/nbdev_test --n_workers 2
 	$(BIN)/pytest -q tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here"; exit 1; fi; exit $$rc
+
+test-fast: install ## the inner loop: pytest without the tests marked slow or network (pytest.ini), a few minutes on 2 cores
+	$(BIN)/pytest -q -m "not slow and not network" tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here"; exit 1; fi; exit $$rc
 
 lint: install ## actionlint (with shellcheck), hadolint and cfn-lint on the workflow, Dockerfiles and stack (also run by make test)
