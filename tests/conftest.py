@@ -1,20 +1,30 @@
-"Shared fixtures: the real CI subset, temporary stores, and small candidates trained on real rows."
-import json
+"""Shared test scaffolding, one place each: the real CI subset, temporary stores, small candidates and champions trained on
+real rows, the `fraud-mlops` command, free loopback ports, real API servers, the AWS/moto environment, the Dockerfiles.
+Helpers that tests call are fixtures returning the callable; test files never import each other (or this file)."""
+import json, os, shlex, socket, subprocess, sys, time
 from pathlib import Path
+from typing import NamedTuple
 
+import httpx
 import pytest
 
 from fraud_mlops.data import CI_SUBSET, load_transactions, resolve_path
-from fraud_mlops.registry import open_store, save_version
+from fraud_mlops.registry import open_store, read_champion, save_version, set_champion
 from fraud_mlops.train import build_manifest, train_candidate
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = json.loads((ROOT/'data'/'example_request.json').read_text())
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope='session')
 def ci_df():
     return load_transactions(resolve_path(CI_SUBSET))
+
+
+@pytest.fixture(scope='session')
+def example_request():
+    "data/example_request.json, the request the README posts (a legitimate transaction)."
+    return json.loads((ROOT/'data'/'example_request.json').read_text())
 
 
 @pytest.fixture(scope='session')
@@ -24,6 +34,13 @@ def fetched(tmp_path_factory):
     return fetch_dataset(tmp_path_factory.mktemp('data')/'creditcard.csv', progress=False)
 
 
+@pytest.fixture(scope='session')
+def full_xy(fetched):
+    "(X, y) of all 284,807 rows of the fetched dataset."
+    from fraud_mlops.modelling import features_and_labels
+    return features_and_labels(load_transactions(fetched))
+
+
 @pytest.fixture
 def store(tmp_path):
     return open_store(tmp_path/'registry', create=True)
@@ -31,7 +48,7 @@ def store(tmp_path):
 
 @pytest.fixture
 def add_candidate(ci_df):
-    "Train a small candidate on the CI subset into a store; return its version."
+    "`add_candidate(store, **params)`: train a small candidate on the CI subset into `store`; return its version."
     def add(store, **params):
         params = {'model': 'lgbm', 'n_estimators': 20, 'n_jobs': 1, **params}   # mechanics, not quality: the small, fast model
         r = train_candidate(ci_df, **params)
@@ -40,21 +57,122 @@ def add_candidate(ci_df):
     return add
 
 
-# --- S3: moto's in-process mock for unit tests, a real moto server over HTTP for integration tests ---
+@pytest.fixture
+def add_champion(add_candidate):
+    "`add_champion(store, **params)`: `add_candidate`, then promoted through the real gate (`fraud_mlops.promotion.promote`); its version."
+    from fraud_mlops.promotion import promote
+    def add(store, **params):
+        v = add_candidate(store, **params)
+        d = promote(store, v, notify=False)
+        assert d['decision'] == 'promoted', d
+        return v
+    return add
 
-def _aws_env(monkeypatch, **values):
-    "Clear every AWS_* setting of the developer's shell, then set `values` (S3 tests never touch a real account)."
-    import os
-    for k in list(os.environ):
-        if k.startswith('AWS_') and k != 'AWS_CA_BUNDLE': monkeypatch.delenv(k)
-    monkeypatch.delenv('FRAUD_MLOPS_SIGNING_KEY', raising=False)
-    for k, v in {'AWS_DEFAULT_REGION': 'us-east-1', 'AWS_EC2_METADATA_DISABLED': 'true', **values}.items():
-        monkeypatch.setenv(k, v)
+
+@pytest.fixture
+def champion(store, add_champion):
+    "`store` with a promoted champion (a small candidate of the CI subset); returns its version."
+    return add_champion(store)
+
+
+@pytest.fixture(scope='session')
+def save_as_champion():
+    """`save_as_champion(store, model, X, y, threshold=0.5)`: save fitted `model` (evidence: the first 100 rows) as a new version
+    and point the champion at it directly, without the promotion gate; returns the version."""
+    def save(store, model, X, y, threshold=0.5):
+        v = save_version(store, model, {'threshold': threshold, 'metrics': {'test': {'f1': 0.5}}}, X[:100], y[:100])['version']
+        set_champion(store, v, read_champion(store)[1])
+        return v
+    return save
+
+
+# --- processes: the command line, loopback ports, real API servers
+
+@pytest.fixture(scope='session')
+def cli():
+    "`cli(*args, env=None, cwd=None)`: run `fraud-mlops ARGS` as a user would, `env` on top of ours (None unsets); the finished process."
+    def run(*args, env=None, cwd=None):
+        env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+        return subprocess.run([BIN/'fraud-mlops', *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd)
+    return run
+
+
+@pytest.fixture(scope='session')
+def free_port():
+    "`free_port()`: a loopback TCP port nothing listens on (bound and released: until someone takes it, connections are refused)."
+    def port():
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+    return port
+
+
+class Server(NamedTuple):
+    url: str                  # http://127.0.0.1:PORT
+    proc: subprocess.Popen
+    log: Path                 # its stdout and stderr
+    env: dict                 # the whole environment it runs with
+
+
+@pytest.fixture
+def api_server(tmp_path, free_port):
+    """`api_server(env=None, cmd=None, wait='/health/ready', seconds=60, clean_env=False)`: start the API as a subprocess in
+    `tmp_path` on a free loopback port (UVICORN_HOST and UVICORN_PORT set last, `{port}` in `cmd` replaced), with `env` on top of
+    ours (of nothing with `clean_env`, as in a container); return a Server once GET `wait` answers 200. `cmd` defaults to
+    `uvicorn fraud_mlops.serving:app`; e.g. `['fraud-mlops', 'serve', '--port', '{port}']` or an image's CMD.
+    At teardown each server is stopped and the end of its log printed, which pytest shows when the test failed."""
+    started = []
+    def start(env=None, cmd=None, wait='/health/ready', seconds=60, clean_env=False):
+        port = free_port()
+        env = {**({} if clean_env else os.environ), **(env or {}), 'UVICORN_HOST': '127.0.0.1', 'UVICORN_PORT': str(port)}
+        cmd = [str(a).replace('{port}', str(port)) for a in cmd or [BIN/'uvicorn', 'fraud_mlops.serving:app']]
+        log = tmp_path/f'server-{len(started)}.log'
+        with open(log, 'wb') as out:
+            proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+        server = Server(f'http://127.0.0.1:{port}', proc, log, env)
+        started.append((server, cmd))
+        deadline = time.monotonic() + seconds
+        while True:
+            assert proc.poll() is None, f'{cmd} exited with {proc.returncode}:\n{log.read_text(errors="replace")[-4000:]}'
+            try:
+                if httpx.get(server.url + wait, timeout=2).status_code == 200: return server
+            except httpx.TransportError: pass
+            assert time.monotonic() < deadline, f'{server.url}{wait} not 200 within {seconds} s:\n{log.read_text(errors="replace")[-4000:]}'
+            time.sleep(0.1)
+    yield start
+    for server, cmd in started:
+        if server.proc.poll() is None:
+            server.proc.terminate()
+            try: server.proc.wait(15)
+            except subprocess.TimeoutExpired: server.proc.kill(); server.proc.wait()
+        print(f'--- {shlex.join(cmd)} on {server.url} (exit {server.proc.returncode}), end of its log:\n'
+              f'{server.log.read_text(errors="replace")[-4000:]}')
+
+
+# --- AWS: moto's in-process mock for unit tests, a real moto server over HTTP for integration tests ---
+
+MOTO = {'AWS_ACCESS_KEY_ID': 'testing', 'AWS_SECRET_ACCESS_KEY': 'testing', 'AWS_MAX_ATTEMPTS': '2',
+        'FRAUD_MLOPS_S3_CONNECT_TIMEOUT': '2', 'FRAUD_MLOPS_S3_READ_TIMEOUT': '20'}
+
+
+@pytest.fixture
+def aws_env(monkeypatch):
+    """`aws_env(endpoint=None, **values)`: clear every AWS_* setting of the developer's shell (tests never touch a real account)
+    and the signing key; set a region, no instance metadata, with `endpoint` a moto server's URL, fake credentials, bounded
+    retries and timeouts, then `values`. Returns the settings made, for a subprocess's environment."""
+    def set_env(endpoint=None, **values):
+        for k in list(os.environ):
+            if k.startswith('AWS_') and k != 'AWS_CA_BUNDLE': monkeypatch.delenv(k)
+        monkeypatch.delenv('FRAUD_MLOPS_SIGNING_KEY', raising=False)
+        made = {'AWS_DEFAULT_REGION': 'us-east-1', 'AWS_EC2_METADATA_DISABLED': 'true',
+                **({'AWS_ENDPOINT_URL': endpoint, **MOTO} if endpoint else {}), **values}
+        for k, v in made.items(): monkeypatch.setenv(k, v)
+        return made
+    return set_env
 
 
 @pytest.fixture(scope='session')
 def moto_server():
-    "A moto S3 server on a free loopback port for the whole session; yields its endpoint URL."
+    "A moto server on a free loopback port for the whole session; yields its endpoint URL."
     from moto.server import ThreadedMotoServer
     server = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)
     server.start()
@@ -64,29 +182,61 @@ def moto_server():
 
 
 @pytest.fixture
-def s3_uri(moto_server, monkeypatch):
-    "Environment pointing at the moto server (AWS_ENDPOINT_URL, fake credentials, bounded retries) and a fresh bucket; returns s3://bucket/registry."
+def s3_uri(moto_server, aws_env):
+    "The environment pointing at the moto server (`aws_env`) and a fresh bucket there; returns s3://bucket/registry."
     import uuid
     from fraud_mlops.registry import s3_client
-    _aws_env(monkeypatch, AWS_ENDPOINT_URL=moto_server, AWS_ACCESS_KEY_ID='testing', AWS_SECRET_ACCESS_KEY='testing',
-             AWS_MAX_ATTEMPTS='2', FRAUD_MLOPS_S3_CONNECT_TIMEOUT='2', FRAUD_MLOPS_S3_READ_TIMEOUT='20')
+    aws_env(moto_server)
     bucket = f'fraud-{uuid.uuid4().hex[:12]}'
     s3_client().create_bucket(Bucket=bucket)
     return f's3://{bucket}/registry'
 
 
 @pytest.fixture
-def mock_s3_uri(monkeypatch):
+def mock_s3_uri(aws_env):
     "A bucket in moto's in-process mock (`mock_aws`, no network); returns s3://fraud-models/registry."
     from moto import mock_aws
     from fraud_mlops.registry import s3_client
-    _aws_env(monkeypatch)
+    aws_env()
     with mock_aws():
         s3_client().create_bucket(Bucket='fraud-models')
         yield 's3://fraud-models/registry'
 
 
-@pytest.fixture
-def aws_env(monkeypatch):
-    "A function that clears the AWS_* settings and sets the ones given, for tests without moto."
-    return lambda **values: _aws_env(monkeypatch, **values)
+# --- the Dockerfiles, read the way Docker reads them
+
+class Stage(list):
+    "One stage of a Dockerfile: its (INSTRUCTION, arguments) pairs in order."
+    def last(self, word):
+        "Arguments of the stage's last `word` instruction."
+        found = [args for w, args in self if w == word]
+        assert found, f'no {word} in the stage'
+        return found[-1]
+
+    def command(self, word):
+        "The argument list of CMD, ENTRYPOINT or HEALTHCHECK (its CMD, options left out); shell form is refused."
+        args = self.last(word).split(' CMD ', 1)[1].strip() if word == 'HEALTHCHECK' else self.last(word)
+        assert args.startswith('['), f'not exec form (signals would not reach the process): {args}'
+        return json.loads(args)
+
+    @property
+    def env(self):
+        "The ENV settings, as a dict."
+        return dict(kv.split('=', 1) for w, args in self if w == 'ENV' for kv in shlex.split(args))
+
+
+@pytest.fixture(scope='session')
+def dockerfile():
+    "`dockerfile(name)`: the stages of the project's Dockerfile `name`, each a Stage; comments skipped, continuations joined."
+    def stages(name):
+        found, line = [], ''
+        for raw in (ROOT/name).read_text().splitlines():
+            if not line and (not raw.strip() or raw.lstrip().startswith('#')): continue
+            if raw.endswith('\\'): line += raw[:-1] + ' '; continue
+            line += raw
+            word, _, rest = line.strip().partition(' ')
+            if word.upper() == 'FROM': found.append(Stage())
+            found[-1].append((word.upper(), rest.strip()))
+            line = ''
+        return found
+    return stages

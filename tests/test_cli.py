@@ -1,19 +1,11 @@
 "The `fraud-mlops` command as a user types it."
-import json, os, subprocess, sys
+import json, subprocess
 from pathlib import Path
 
 import pytest
 
-BIN = Path(sys.executable).parent
 
-
-def cli(*args, env=None, cwd=None):
-    "Run `fraud-mlops ARGS` as a user would (extra `env` on top of ours); the finished process. The other test files import it."
-    return subprocess.run([BIN/'fraud-mlops', *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd)
-
-
-def test_promote_models_rollback_round_trip(store, add_candidate):
+def test_promote_models_rollback_round_trip(cli, store, add_candidate):
     a = add_candidate(store, n_estimators=3, max_depth=1)
     b = add_candidate(store, n_estimators=30)
     r = cli('promote', '--store', store.root, '--version', a, '--no-notify')
@@ -31,7 +23,7 @@ def test_promote_models_rollback_round_trip(store, add_candidate):
     assert r.returncode == 4 and 'version nope not found' in r.stderr        # the store's failure: 4
 
 
-def test_store_typo_and_corrupt_manifest_are_clear_errors(store, add_candidate):
+def test_store_typo_and_corrupt_manifest_are_clear_errors(cli, store, add_candidate):
     r = cli('models', '--store', store.root.parent/'registyr')
     assert r.returncode == 4 and 'does not exist' in r.stderr and 'Traceback' not in r.stderr
     v = add_candidate(store)
@@ -40,14 +32,14 @@ def test_store_typo_and_corrupt_manifest_are_clear_errors(store, add_candidate):
     assert r.returncode == 4 and 'not valid JSON' in r.stderr
 
 
-def test_notify_failure_is_reported_and_the_promotion_stands(store, add_candidate):
+def test_notify_failure_is_reported_and_the_promotion_stands(cli, store, add_candidate):
     v = add_candidate(store)
     r = cli('promote', '--store', store.root, env={'API_URL': 'http://127.0.0.1:9', 'FRAUD_MLOPS_ADMIN_TOKEN': 't'})
     assert r.returncode == 0 and 'notified http://127.0.0.1:9' in r.stdout and 'error' not in r.stderr
     assert json.loads((store.root/'champion.json').read_text())['version'] == v
 
 
-def test_history_floor_and_pruning_from_the_command_line(store, add_candidate):
+def test_history_floor_and_pruning_from_the_command_line(cli, store, add_candidate):
     weak = add_candidate(store, n_estimators=3, max_depth=1)
     r = cli('promote', '--store', store.root, '--min-f1', '0.999', '--no-notify', '--prune-rejected')
     assert r.returncode == 0 and r.stdout.startswith(f'rejected: {weak}') and f'pruned 1 rejected version(s): {weak}' in r.stdout
@@ -60,7 +52,7 @@ def test_history_floor_and_pruning_from_the_command_line(store, add_candidate):
     assert log[0]['reason'].endswith('is below the floor 0.999') and log[1]['by']
 
 
-def test_bad_input_is_2_and_a_bad_setting_names_its_variable(tmp_path):
+def test_bad_input_is_2_and_a_bad_setting_names_its_variable(cli, tmp_path):
     r = cli('train', '--data', tmp_path/'missing.csv', '--store', tmp_path)
     assert (r.returncode, r.stderr) == (2, f"error: {tmp_path/'missing.csv'}: no such file (run `fraud-mlops fetch-data` for the full dataset)\n")
     r = cli('score', tmp_path/'in.csv', tmp_path/'out.csv', '--store', tmp_path, env={'FRAUD_MLOPS_CHUNK_ROWS': 'lots'})
@@ -80,7 +72,7 @@ FAILING_JOB = {'DataError': ('from fraud_mlops.data import DataError; raise Data
 
 @pytest.mark.slow
 @pytest.mark.parametrize('ename', FAILING_JOB)
-def test_a_failed_training_job_exits_by_the_kind_of_its_error(tmp_path, ename):
+def test_a_failed_training_job_exits_by_the_kind_of_its_error(cli, tmp_path, ename):
     "The notebook's own exception decides: bad input 2, conflict 3, store 4; anything else is the job's failure (1), never bad input."
     import nbformat
     from fraud_mlops.data import CI_SUBSET, resolve_path
@@ -101,4 +93,4 @@ def test_make_help_lists_every_documented_target():
     documented = re.findall(r'^([a-z-]+):.*## (.*)$', (root/'Makefile').read_text(), re.M)
     out = subprocess.run(['make', '-s', 'help'], cwd=root, capture_output=True, text=True, check=True).stdout
     assert [line.split()[0] for line in out.splitlines()] == [t for t, _ in documented]
-    assert {'help', 'install', 'run', 'test', 'bench', 'bench-quality'} <= {t for t, _ in documented}
+    assert {'help', 'install', 'run', 'test', 'test-fast', 'bench', 'bench-quality'} <= {t for t, _ in documented}

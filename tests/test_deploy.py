@@ -9,7 +9,6 @@ import pytest
 from botocore.exceptions import ClientError
 
 from fraud_mlops.deploy import DeployError, container, deploy, find_service, load_task_definition
-from test_cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT/'.aws'/'cloudformation.yml'
@@ -101,7 +100,7 @@ def test_from_an_empty_account_to_a_deployed_api(moto_aws):
 @pytest.fixture
 def ecs_service(moto_server, aws_env):
     "A fresh cluster with service `api` on the moto server; the environment points there. Returns the cluster name."
-    aws_env(AWS_ENDPOINT_URL=moto_server, AWS_ACCESS_KEY_ID='testing', AWS_SECRET_ACCESS_KEY='testing', AWS_MAX_ATTEMPTS='2')
+    aws_env(moto_server)
     cluster = f'fraud-{uuid.uuid4().hex[:8]}'
     ecs = boto3.client('ecs')
     ecs.create_cluster(clusterName=cluster)
@@ -110,11 +109,13 @@ def ecs_service(moto_server, aws_env):
     return cluster
 
 
-def deploy_cli(*args):
-    return cli('deploy', *args, cwd=ROOT)
+@pytest.fixture
+def deploy_cli(cli):
+    "`deploy_cli(*args)`: `fraud-mlops deploy ARGS` from the project folder, as the workflow runs it."
+    return lambda *args: cli('deploy', *args, cwd=ROOT)
 
 
-def test_deploy_prints_the_new_revision_and_the_service_runs_it(ecs_service):
+def test_deploy_prints_the_new_revision_and_the_service_runs_it(ecs_service, deploy_cli):
     r = deploy_cli('--cluster', ecs_service, '--service', 'api', '--image', 'registry.example/api:c0ffee', '--no-wait',
             '--env', 'FRAUD_MLOPS_POLL_SECONDS=30')
     assert r.returncode == 0, r.stderr
@@ -127,7 +128,7 @@ def test_deploy_prints_the_new_revision_and_the_service_runs_it(ecs_service):
     assert {'name': 'FRAUD_MLOPS_POLL_SECONDS', 'value': '30'} in api['environment']
 
 
-def test_deploy_errors_name_the_problem_and_register_nothing(ecs_service, tmp_path):
+def test_deploy_errors_name_the_problem_and_register_nothing(ecs_service, deploy_cli, tmp_path):
     ecs = boto3.client('ecs')
     before = ecs.list_task_definitions()['taskDefinitionArns']
     image = ['--image', 'registry.example/api:1']
@@ -153,7 +154,7 @@ def test_deploy_errors_name_the_problem_and_register_nothing(ecs_service, tmp_pa
     assert ecs.list_task_definitions()['taskDefinitionArns'] == before
 
 
-def test_deploy_rejected_by_ecs_and_unstable_service_fail_clearly(ecs_service, tmp_path):
+def test_deploy_rejected_by_ecs_and_unstable_service_fail_clearly(ecs_service, deploy_cli, tmp_path):
     wrong_type = tmp_path/'td.json'
     wrong_type.write_text(TASK_DEFINITION.read_text().replace('"cpu": "256"', '"cpu": 256'))
     r = deploy_cli('--cluster', ecs_service, '--service', 'api', '--image', 'img:1', '--task-definition', wrong_type)
@@ -165,7 +166,7 @@ def test_deploy_rejected_by_ecs_and_unstable_service_fail_clearly(ecs_service, t
     assert f'aws ecs describe-services --cluster {ecs_service} --services api' in r.stderr
 
 
-def test_dry_run_prints_the_rendered_task_definition_and_touches_nothing(aws_env):
+def test_dry_run_prints_the_rendered_task_definition_and_touches_nothing(aws_env, deploy_cli):
     aws_env(AWS_ENDPOINT_URL='http://127.0.0.1:9')   # nothing listens there: a dry run must not call AWS
     r = deploy_cli('--image', 'registry.example/api:d1', '--dry-run', '--env', 'WEB_CONCURRENCY=2')
     assert r.returncode == 0, r.stderr

@@ -4,26 +4,20 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from fraud_mlops.data import load_transactions
 from fraud_mlops.modelling import FraudFeatures, features_and_labels, fit_model, make_model
 from fraud_mlops.runtime import EnsembleRuntime, ForestRuntime, prepare_model
 
 
 @pytest.fixture(scope='module')
-def full(fetched):
-    return features_and_labels(load_transactions(fetched))
-
-
-@pytest.fixture(scope='module')
-def lgbm_rf(full):
+def lgbm_rf(full_xy):
     "The `lgbm_rf` kind with its default parameters, fitted as training fits it (all frauds, a quarter of the rest)."
-    X, y = full
+    X, y = full_xy
     return fit_model(make_model('lgbm_rf'), X, y, 0.25)
 
 
-def test_forest_same_bits_as_scikit_learn_on_the_full_data(full, lgbm_rf):
+def test_forest_same_bits_as_scikit_learn_on_the_full_data(full_xy, lgbm_rf):
     "The forest member alone: every probability equals its own predict_proba exactly, on 1 and 2 threads and row by row."
-    X, _ = full
+    X, _ = full_xy
     forest = lgbm_rf.steps[1][1].estimators_[1]
     F = FraudFeatures().transform(X)
     want = forest.predict_proba(F)[:, 1]
@@ -33,9 +27,9 @@ def test_forest_same_bits_as_scikit_learn_on_the_full_data(full, lgbm_rf):
     assert np.array([rt.one(f) for f in F[:50_000]]).tobytes() == want[:50_000].tobytes()
 
 
-def test_same_bits_as_predict_proba_on_the_full_data(full, lgbm_rf):
+def test_same_bits_as_predict_proba_on_the_full_data(full_xy, lgbm_rf):
     "(LightGBM + forest) / 2 equals the pipeline's predict_proba exactly: batches on 1 and 2 threads, every row alone, and served."
-    X, _ = full
+    X, _ = full_xy
     want = lgbm_rf.predict_proba(X)[:, 1]
     one_thread = EnsembleRuntime(lgbm_rf, threads=1)
     assert one_thread(X).tobytes() == want.tobytes()
@@ -47,9 +41,9 @@ def test_same_bits_as_predict_proba_on_the_full_data(full, lgbm_rf):
     assert all(served.predict(X[i:i + 1]).tobytes() == want[i:i + 1].tobytes() for i in range(0, len(X), 997))
 
 
-def test_concurrent_callers_get_their_own_answers(full, lgbm_rf):
+def test_concurrent_callers_get_their_own_answers(full_xy, lgbm_rf):
     "Threads scoring different slices at once (as Dask worker threads and the API's batch threads do) each get exactly their rows' probabilities."
-    X, _ = full
+    X, _ = full_xy
     served = prepare_model(lgbm_rf, {'version': 'v', 'threshold': 0.5})
     forest = ForestRuntime(lgbm_rf.steps[1][1].estimators_[1])
     parts = np.array_split(X[:120_000], 6)

@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_inference_image import dockerfile_stages, exec_form, healthcheck_cmd, image_env, instruction
-
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 WORKFLOW = ROOT/'.github'/'workflows'/'ci-cd.yml'
@@ -104,13 +102,13 @@ def template():
     return t
 
 
-def test_image_task_definition_and_load_balancer_agree():
-    final = dockerfile_stages(ROOT/'Dockerfile-inference')[-1]
-    env, cmd = image_env(final), exec_form(instruction(final, 'CMD'))
+def test_image_task_definition_and_load_balancer_agree(dockerfile):
+    final = dockerfile('Dockerfile-inference')[-1]
+    env, cmd = final.env, final.command('CMD')
     td = json.loads(TASK_DEFINITION.read_text())
     api, = td['containerDefinitions']
-    assert api['healthCheck']['command'] == ['CMD', *healthcheck_cmd(final)]
-    assert api['portMappings'][0]['containerPort'] == int(env['UVICORN_PORT']) == int(instruction(final, 'EXPOSE'))
+    assert api['healthCheck']['command'] == ['CMD', *final.command('HEALTHCHECK')]
+    assert api['portMappings'][0]['containerPort'] == int(env['UVICORN_PORT']) == int(final.last('EXPOSE'))
     graceful = int(cmd[cmd.index('--timeout-graceful-shutdown') + 1])
     assert graceful < api['stopTimeout']                        # uvicorn finishes before ECS sends SIGKILL
     assert (td['cpu'], td['memory'], td['requiresCompatibilities']) == ('256', '512', ['FARGATE'])

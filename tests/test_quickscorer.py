@@ -2,21 +2,15 @@
 import numpy as np
 import pytest
 
-from fraud_mlops.data import load_transactions
-from fraud_mlops.modelling import FEATURE_SOURCES, derived_features, features_and_labels, fit_model, make_model
+from fraud_mlops.modelling import FEATURE_SOURCES, derived_features, fit_model, make_model
 from fraud_mlops.quickscorer import QuickScorer, forest_tables
 from fraud_mlops.runtime import prepare_model
 
 
-@pytest.fixture(scope='module')
-def full(fetched):
-    return features_and_labels(load_transactions(fetched))
-
-
 @pytest.mark.parametrize('params', [{}, {'num_leaves': 31, 'n_estimators': 300, 'learning_rate': 0.05}], ids=['default', 'wide'])
-def test_same_bits_as_lightgbm_on_the_full_data(full, params):
+def test_same_bits_as_lightgbm_on_the_full_data(full_xy, params):
     "Every probability equals LightGBM's own predict_proba exactly, on 1 and 2 threads, and through the served runtime."
-    X, y = full
+    X, y = full_xy
     model = fit_model(make_model('lgbm', **params), X, y, 0.25)
     want = model.predict_proba(X)[:, 1]
     quick = QuickScorer(forest_tables(model.steps[1][1].booster_), FEATURE_SOURCES, derived_features)
@@ -27,10 +21,10 @@ def test_same_bits_as_lightgbm_on_the_full_data(full, params):
     assert served.predict(X).tobytes() == want.tobytes()
 
 
-def test_concurrent_callers_get_their_own_answers(full):
+def test_concurrent_callers_get_their_own_answers(full_xy):
     "Threads scoring different slices at once (as Dask worker threads do) each get exactly their rows' probabilities."
     from concurrent.futures import ThreadPoolExecutor
-    X, y = full
+    X, y = full_xy
     model = fit_model(make_model('lgbm', n_estimators=60), X[:100_000], y[:100_000], 0.25)
     quick = QuickScorer(forest_tables(model.steps[1][1].booster_), FEATURE_SOURCES, derived_features)
     parts = np.array_split(X[:120_000], 6)

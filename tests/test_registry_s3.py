@@ -17,12 +17,9 @@ from fraud_mlops.promotion import promote, rollback
 from fraud_mlops.registry import (IntegrityError, S3Store, StoreError, decided_versions, list_decisions,
                                   list_versions, load_champion, load_manifest, model_statuses, open_store, read_champion,
                                   request_log, save_version, sha256_hex)
-from test_cli import cli
-from test_end_to_end import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-EXAMPLE = json.loads((ROOT/'data'/'example_request.json').read_text())
 TOKEN = 'test-admin-token'
 
 
@@ -47,11 +44,6 @@ def good(parts):
 def bundle(store, model, parts, threshold=0.5):
     "Save `model` with the CI test rows as a new version; return its id."
     return save_version(store, model, {'threshold': threshold, 'metrics': {'test': {}}}, parts[2], parts[3])['version']
-
-
-def closed_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]    # nothing listens once closed
 
 
 # ---------------------------------------------------------------- unit tests: moto's mock_aws, no network
@@ -153,8 +145,8 @@ def test_signed_bundles_on_s3_refuse_unsigned_and_tampered_ones(mock_s3_uri, par
     with pytest.raises(IntegrityError, match='signed with another key'): load_champion(s)
 
 
-def test_no_credentials_is_a_clear_error(aws_env, tmp_path):
-    aws_env(AWS_ENDPOINT_URL=f'http://127.0.0.1:{closed_port()}', AWS_CONFIG_FILE=str(tmp_path/'none'),
+def test_no_credentials_is_a_clear_error(aws_env, free_port, tmp_path):
+    aws_env(AWS_ENDPOINT_URL=f'http://127.0.0.1:{free_port()}', AWS_CONFIG_FILE=str(tmp_path/'none'),
             AWS_SHARED_CREDENTIALS_FILE=str(tmp_path/'none'))
     start = time.monotonic()
     with pytest.raises(StoreError, match='no AWS credentials for store s3://fraud-models/registry: set AWS_ACCESS_KEY_ID'):
@@ -162,8 +154,8 @@ def test_no_credentials_is_a_clear_error(aws_env, tmp_path):
     assert time.monotonic() - start < 5
 
 
-def test_an_unreachable_endpoint_fails_fast_after_bounded_retries(aws_env):
-    port = closed_port()
+def test_an_unreachable_endpoint_fails_fast_after_bounded_retries(aws_env, free_port):
+    port = free_port()
     aws_env(AWS_ENDPOINT_URL=f'http://127.0.0.1:{port}', AWS_ACCESS_KEY_ID='x', AWS_SECRET_ACCESS_KEY='y', AWS_MAX_ATTEMPTS='3')
     start = time.monotonic()
     with pytest.raises(StoreError, match=rf'cannot reach S3 at http://127.0.0.1:{port} for store s3://fraud-models/registry '
@@ -195,7 +187,7 @@ def test_a_silent_endpoint_times_out_after_the_configured_attempts(aws_env):
 
 # ---------------------------------------------------------------- integration: a moto server over HTTP
 
-def test_promote_and_rollback_through_the_cli_with_pruning(s3_uri, parts, weak, good):
+def test_promote_and_rollback_through_the_cli_with_pruning(cli, s3_uri, parts, weak, good):
     store = open_store(s3_uri, create=True)
     a = bundle(store, weak, parts)
     r = cli('promote', '--store', s3_uri, '--no-notify'); assert r.returncode == 0 and r.stdout.startswith(f'promoted: {a}'), r.stderr
@@ -217,7 +209,7 @@ def test_promote_and_rollback_through_the_cli_with_pruning(s3_uri, parts, weak, 
     assert all(d['by'] and d['time'] for d in hist)
 
 
-def test_bad_cases_on_the_command_line_over_http(s3_uri, parts, good):
+def test_bad_cases_on_the_command_line_over_http(cli, free_port, s3_uri, parts, good):
     r = cli('models', '--store', 's3://missing-bucket/registry')
     assert r.returncode == 2 and 'bucket missing-bucket does not exist' in r.stderr and 'Traceback' not in r.stderr
     store = open_store(s3_uri, create=True); v = bundle(store, good, parts)
@@ -225,11 +217,10 @@ def test_bad_cases_on_the_command_line_over_http(s3_uri, parts, good):
     assert r.returncode == 2 and 'nothing is stored under it' in r.stderr
     r = cli('rollback', '--store', s3_uri, '--to', v)
     assert r.returncode == 2 and 'has no champion to roll back' in r.stderr
-    no_keys = {k: v for k, v in os.environ.items() if k not in ('AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY')}
-    r = subprocess.run([BIN/'fraud-mlops', 'models', '--store', s3_uri], capture_output=True, text=True,
-                       env={**no_keys, 'AWS_SHARED_CREDENTIALS_FILE': '/nonexistent', 'AWS_CONFIG_FILE': '/nonexistent'})
+    r = cli('models', '--store', s3_uri, env={'AWS_ACCESS_KEY_ID': None, 'AWS_SECRET_ACCESS_KEY': None,
+                                              'AWS_SHARED_CREDENTIALS_FILE': '/nonexistent', 'AWS_CONFIG_FILE': '/nonexistent'})
     assert r.returncode == 2 and 'no AWS credentials' in r.stderr
-    r = cli('models', '--store', s3_uri, env={'AWS_ENDPOINT_URL': f'http://127.0.0.1:{closed_port()}'})
+    r = cli('models', '--store', s3_uri, env={'AWS_ENDPOINT_URL': f'http://127.0.0.1:{free_port()}'})
     assert r.returncode == 2 and 'cannot reach S3' in r.stderr
     store.put(f'versions/{v}/model.joblib', store.get(f'versions/{v}/model.joblib')[:100])
     r = cli('promote', '--store', s3_uri, '--no-notify')
@@ -256,7 +247,7 @@ main(sys.argv[1:])
 '''
 
 
-def test_two_concurrent_promoters_exactly_one_wins_and_the_other_changes_nothing(s3_uri, parts, weak, good, tmp_path):
+def test_two_concurrent_promoters_exactly_one_wins_and_the_other_changes_nothing(cli, s3_uri, parts, weak, good, tmp_path):
     store = open_store(s3_uri, create=True)
     champ = bundle(store, weak, parts); promote(store, notify=False)
     a = bundle(store, good, parts)
@@ -282,7 +273,7 @@ def test_two_concurrent_promoters_exactly_one_wins_and_the_other_changes_nothing
     assert r.returncode == 0 and r.stdout.split(':')[0] in ('promoted', 'rejected')
 
 
-def test_tampered_bundles_are_refused_by_promotion_and_by_the_api(s3_uri, parts, weak, good, monkeypatch):
+def test_tampered_bundles_are_refused_by_promotion_and_by_the_api(cli, example_request, s3_uri, parts, weak, good, monkeypatch):
     from fastapi.testclient import TestClient
     from fraud_mlops.serving import app
     monkeypatch.setenv('FRAUD_MLOPS_SIGNING_KEY', 'a-long-random-test-key')
@@ -290,7 +281,7 @@ def test_tampered_bundles_are_refused_by_promotion_and_by_the_api(s3_uri, parts,
     store = open_store(s3_uri, create=True)
     v = bundle(store, good, parts); assert cli('promote', '--no-notify').returncode == 0
     with TestClient(app) as c:
-        assert c.post('/predict', json=EXAMPLE).json()['model_version'] == v
+        assert c.post('/predict', json=example_request).json()['model_version'] == v
         assert c.get('/model').json()['signature']['algorithm'] == 'HMAC-SHA256'
     # an attacker swaps in another pickle and fixes the SHA-256 in the manifest; without the key the signature cannot follow
     evil = io.BytesIO(); joblib.dump(weak, evil); evil = evil.getvalue()
@@ -343,31 +334,25 @@ def test_an_unchanged_pointer_costs_a_bodiless_304_and_a_moved_one_is_read(s3_ur
     assert served.version == pointer['version'] and seen == new_tag
 
 
-def test_train_with_papermill_into_s3_then_promote_serve_reload_and_roll_back(s3_uri, parts, weak, tmp_path):
+def test_train_with_papermill_into_s3_then_promote_serve_reload_and_roll_back(cli, api_server, example_request, s3_uri, parts, weak,
+                                                                              tmp_path):
     store = open_store(s3_uri, create=True)
     first = bundle(store, weak, parts)
     assert cli('promote', '--store', s3_uri, '--no-notify').returncode == 0
-    port = free_port(); url = f'http://127.0.0.1:{port}'
-    api = subprocess.Popen([BIN/'uvicorn', 'fraud_mlops.serving:app', '--host', '127.0.0.1', '--port', str(port)],
-                           env={**os.environ, 'FRAUD_MLOPS_STORE': s3_uri, 'FRAUD_MLOPS_ADMIN_TOKEN': TOKEN}, cwd=tmp_path,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_ready(url, api)
-        assert httpx.post(f'{url}/predict', json=EXAMPLE, timeout=5).json()['model_version'] == first
-        subprocess.run([BIN/'papermill', ROOT/'nbs'/'03_train.ipynb', tmp_path/'out.ipynb', '-p', 'data_path', resolve_path(CI_SUBSET),
-                        '-p', 'store', s3_uri, '-p', 'n_estimators', '30', '-p', 'compare_with', ''],
-                       check=True, capture_output=True, cwd=tmp_path)
-        trained, = set(list_versions(store)) - {first}
-        assert store.keys(f'versions/{trained}') == [f'versions/{trained}/{f}' for f in ('eval.npz', 'manifest.json', 'model.joblib')]
-        assert load_manifest(store, trained)['data']['rows'] == 10_000
-        notify = {'API_URL': url, 'FRAUD_MLOPS_ADMIN_TOKEN': TOKEN}
-        r = cli('promote', '--store', s3_uri, env=notify)
-        assert r.returncode == 0 and r.stdout.startswith(f'promoted: {trained}') and f'notified {url}: 200' in r.stdout, r.stdout + r.stderr
-        answer = httpx.post(f'{url}/predict', json=EXAMPLE, timeout=5).json()
-        assert answer['model_version'] == trained and answer['prediction'] == 'legit'
-        r = cli('rollback', '--store', s3_uri, env=notify)
-        assert r.returncode == 0 and f'rollback: {first}' in r.stdout and f'notified {url}: 200' in r.stdout
-        assert httpx.post(f'{url}/predict', json=EXAMPLE, timeout=5).json()['model_version'] == first
-        assert [d['decision'] for d in list_decisions(store)] == ['promoted', 'promoted', 'rollback']
-    finally:
-        api.terminate(); api.wait(10)
+    url = api_server({'FRAUD_MLOPS_STORE': s3_uri, 'FRAUD_MLOPS_ADMIN_TOKEN': TOKEN}).url
+    assert httpx.post(f'{url}/predict', json=example_request, timeout=5).json()['model_version'] == first
+    subprocess.run([BIN/'papermill', ROOT/'nbs'/'03_train.ipynb', tmp_path/'out.ipynb', '-p', 'data_path', resolve_path(CI_SUBSET),
+                    '-p', 'store', s3_uri, '-p', 'n_estimators', '30', '-p', 'compare_with', ''],
+                   check=True, capture_output=True, cwd=tmp_path)
+    trained, = set(list_versions(store)) - {first}
+    assert store.keys(f'versions/{trained}') == [f'versions/{trained}/{f}' for f in ('eval.npz', 'manifest.json', 'model.joblib')]
+    assert load_manifest(store, trained)['data']['rows'] == 10_000
+    notify = {'API_URL': url, 'FRAUD_MLOPS_ADMIN_TOKEN': TOKEN}
+    r = cli('promote', '--store', s3_uri, env=notify)
+    assert r.returncode == 0 and r.stdout.startswith(f'promoted: {trained}') and f'notified {url}: 200' in r.stdout, r.stdout + r.stderr
+    answer = httpx.post(f'{url}/predict', json=example_request, timeout=5).json()
+    assert answer['model_version'] == trained and answer['prediction'] == 'legit'
+    r = cli('rollback', '--store', s3_uri, env=notify)
+    assert r.returncode == 0 and f'rollback: {first}' in r.stdout and f'notified {url}: 200' in r.stdout
+    assert httpx.post(f'{url}/predict', json=example_request, timeout=5).json()['model_version'] == first
+    assert [d['decision'] for d in list_decisions(store)] == ['promoted', 'promoted', 'rollback']

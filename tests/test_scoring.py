@@ -9,16 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from fraud_mlops.data import FEATURES
-from fraud_mlops.registry import read_champion, s3_client, set_champion
+from fraud_mlops.registry import s3_client
 from fraud_mlops.scoring import OUTPUT_COLUMNS, score_file, sidecar
-from test_cli import cli
-
-
-def champion(store, add_candidate, **params):
-    "Train a small candidate of the CI subset into `store` and make it the champion; return its version."
-    v = add_candidate(store, **params)
-    set_champion(store, v, read_champion(store)[1])
-    return v
 
 
 @pytest.fixture(scope='module')
@@ -36,16 +28,14 @@ def read(path):
 
 
 @pytest.mark.parametrize('kind,params', [('lgbm', {'n_estimators': 20}), ('hgb', {'max_iter': 20}), ('seed_rf', {'n_estimators': 10})])
-def test_scores_are_the_apis_answers_for_the_same_rows(kind, params, store, inputs, tmp_path, monkeypatch):
+def test_scores_are_the_apis_answers_for_the_same_rows(kind, params, cli, store, save_as_champion, inputs, tmp_path, monkeypatch):
     "Every model kind: the file's probabilities and verdicts are exactly what /predict/batch and /predict answer."
     from fastapi.testclient import TestClient
     from fraud_mlops.modelling import make_model
-    from fraud_mlops.registry import save_version
     from fraud_mlops.serving import app
     df, d = inputs
     X, y = df[FEATURES].to_numpy(), df.Class.to_numpy()
-    v = save_version(store, make_model(kind, **params).fit(X[:6_000], y[:6_000]), {'threshold': 0.5}, X[:10], y[:10])['version']
-    set_champion(store, v, None)
+    v = save_as_champion(store, make_model(kind, **params).fit(X[:6_000], y[:6_000]), X, y)
     r = cli('score', d/'ci.csv', tmp_path/'out.csv', '--store', store.root, '--chunk-rows', '3000')
     assert r.returncode == 0 and r.stdout.startswith(f'scored 10,000 of 10,000 rows with model {v} (local'), r.stderr
     out = read(tmp_path/'out.csv')
@@ -62,9 +52,8 @@ def test_scores_are_the_apis_answers_for_the_same_rows(kind, params, store, inpu
     assert 0 < (out.prediction == 'fraud').sum() < len(out)                    # both verdicts occur: the threshold matters
 
 
-def test_bad_rows_are_skipped_and_listed_or_fail_the_job_with_nothing_written(store, add_candidate, inputs, tmp_path):
+def test_bad_rows_are_skipped_and_listed_or_fail_the_job_with_nothing_written(cli, champion, store, inputs, tmp_path):
     "Skip: the good rows are scored, the bad ones named on stderr and in the sidecar. Fail: exit 2, the row numbers, no file."
-    champion(store, add_candidate)
     df, _ = inputs
     bad = df.astype({'V9': object}); bad.loc[0, 'Time'] = np.nan; bad.loc[6_001, 'V9'] = 'n/a'; bad.loc[7_000, 'Amount'] = -np.inf
     bad.to_csv(tmp_path/'bad.csv', index=False)
@@ -79,12 +68,12 @@ def test_bad_rows_are_skipped_and_listed_or_fail_the_job_with_nothing_written(st
     assert sorted(p.name for p in tmp_path.iterdir()) == ['bad.csv', 'out.parquet', 'out.parquet.bad_rows.csv', 'registry']   # no fail.csv, no temp file
 
 
-def test_bad_files_and_a_missing_model_are_clear_errors(store, add_candidate, inputs, tmp_path):
+def test_bad_files_and_a_missing_model_are_clear_errors(cli, store, add_champion, inputs, tmp_path):
     "Each refusal exits with one line saying what is wrong (2 for the input, 4 for the store), and leaves no output behind."
     _, d = inputs
     r = cli('score', d/'ci.csv', tmp_path/'o.csv', '--store', store.root)
     assert r.returncode == 4 and 'has no champion yet' in r.stderr          # the store's failure, not the input's
-    champion(store, add_candidate)
+    add_champion(store)
     (tmp_path/'cols.csv').write_text('Time,V1,Amount\n1,2,3\n')
     (tmp_path/'ragged.csv').write_text(','.join(FEATURES) + '\n' + ','.join(['1'] * 30) + '\n' + ','.join(['1'] * 29) + '\n')
     (tmp_path/'text.parquet').write_text('PAR1 but not really')
@@ -100,11 +89,11 @@ def test_bad_files_and_a_missing_model_are_clear_errors(store, add_candidate, in
     assert not (tmp_path/'o.csv').exists() and not [p for p in tmp_path.iterdir() if p.name.startswith('.')]
 
 
-def test_s3_input_and_output_through_a_moto_server(s3_uri, add_candidate, inputs, tmp_path):
+def test_s3_input_and_output_through_a_moto_server(cli, s3_uri, add_champion, inputs, tmp_path):
     "s3:// in and out (and the store on S3 too): the same answers as local files; a failed job uploads nothing."
     from fraud_mlops.registry import open_store
     store = open_store(s3_uri, create=True)
-    v = champion(store, add_candidate)
+    v = add_champion(store)
     df, d = inputs
     bucket = store.bucket
     s3 = s3_client()
@@ -145,9 +134,8 @@ def same_output(a, b):
     if Path(sidecar(a)).exists(): pd.testing.assert_frame_equal(pd.read_csv(sidecar(a)), pd.read_csv(sidecar(b)))
 
 
-def test_dask_engine_gives_the_local_engines_output(cluster, store, add_candidate, inputs, tmp_path):
+def test_dask_engine_gives_the_local_engines_output(cli, cluster, champion, store, inputs, tmp_path):
     "CSV and Parquet, good and bad rows, on two workers: identical files, identical bad rows, the same refusal."
-    champion(store, add_candidate)
     df, d = inputs
     bad = df.astype({'V2': object}); bad.loc[3, 'V2'] = 'x'; bad.loc[9_000, 'V1'] = np.nan; bad.to_csv(tmp_path/'bad.csv', index=False)
     for src in (d/'ci.csv', d/'ci.parquet', tmp_path/'bad.csv'):
@@ -161,11 +149,11 @@ def test_dask_engine_gives_the_local_engines_output(cluster, store, add_candidat
     assert r.returncode == 2 and "row 4: V2 is not a number ('x')" in r.stderr and not (tmp_path/'none.csv').exists()
 
 
-def test_dask_engine_starts_its_own_cluster_and_reads_s3_parquet(s3_uri, add_candidate, inputs, tmp_path):
+def test_dask_engine_starts_its_own_cluster_and_reads_s3_parquet(cli, s3_uri, add_champion, inputs, tmp_path):
     "`--engine dask` without an address starts a local cluster; its workers read s3:// Parquet from the moto server."
     from fraud_mlops.registry import open_store
     store = open_store(s3_uri, create=True)
-    v = champion(store, add_candidate)
+    v = add_champion(store)
     df, d = inputs
     s3_client().upload_file(str(d/'ci.parquet'), store.bucket, 'in/ci.parquet')
     r = cli('score', f's3://{store.bucket}/in/ci.parquet', tmp_path/'dask.parquet', '--store', s3_uri, '--engine', 'dask', '--chunk-rows', '2500')
@@ -174,10 +162,10 @@ def test_dask_engine_starts_its_own_cluster_and_reads_s3_parquet(s3_uri, add_can
     same_output(tmp_path/'dask.parquet', tmp_path/'local.parquet')
 
 
-def test_full_data_on_two_workers_equals_in_process(cluster, fetched, store, add_candidate, tmp_path):
+def test_full_data_on_two_workers_equals_in_process(cluster, fetched, store, add_champion, tmp_path):
     "All 284,807 real rows, from Parquet in 12 row groups and from the CSV itself: the Dask engine's files are the local engine's."
     import pyarrow.csv as pcsv
-    champion(store, add_candidate, n_estimators=60)
+    add_champion(store, n_estimators=60)
     pq.write_table(pcsv.read_csv(fetched), tmp_path/'full.parquet', row_group_size=25_000)
     for src in (tmp_path/'full.parquet', fetched):
         local = score_file(src, tmp_path/'local.parquet', store.root, rows=50_000, progress=False)
