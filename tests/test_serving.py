@@ -17,7 +17,6 @@ from fraud_mlops.data import FEATURES, TARGET
 from fraud_mlops.registry import read_champion, save_version, set_champion
 from fraud_mlops.runtime import EXAMPLE_FEATURES
 from fraud_mlops.serving import FastPathError, app, create_app
-from test_end_to_end import free_port  # one loopback port helper for every real-server test
 
 TOKEN = 'test-admin-token'
 ADMIN = {'Authorization': f'Bearer {TOKEN}'}
@@ -342,7 +341,7 @@ def test_failed_reload_keeps_serving(client, store, champion, model, data):
 
 # ---------------------------------------------------------------- a real server
 
-def test_real_uvicorn_server(store, champion, tmp_path):
+def test_real_uvicorn_server(store, champion, tmp_path, free_port):
     v = champion
     port, logf = free_port(), open(tmp_path / 'uvicorn.log', 'wb')
     env = {**os.environ, 'FRAUD_MLOPS_STORE': store.uri}

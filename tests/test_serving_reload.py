@@ -2,6 +2,7 @@
 comes up after the server, 100 reloads and memory, and schemathesis against /openapi.json. All traffic is to 127.0.0.1."""
 import asyncio, json, os, shutil, subprocess, sys, time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -12,7 +13,6 @@ from fraud_mlops.data import FEATURES, TARGET
 from fraud_mlops.modelling import make_model
 from fraud_mlops.registry import open_store, read_champion, save_version, set_champion
 from fraud_mlops.runtime import EXAMPLE_FEATURES, TOLERANCE, fast_predictor
-from test_end_to_end import free_port  # one loopback port helper for every real-server test
 
 TOKEN = 'reload-test-token'
 ADMIN = {'Authorization': f'Bearer {TOKEN}'}
@@ -51,8 +51,8 @@ def promote(store, model, data, threshold=0.5):
 
 
 @contextmanager
-def server(tmp_path, env, workers=1, wait_ready=True):
-    "A uvicorn server of the API on a free loopback port; yields (url, process, log path)."
+def serve(free_port, tmp_path, env, workers=1, wait_ready=True):
+    "A uvicorn server of the API on a loopback port from `free_port` (conftest's fixture); yields (url, process, log path)."
     port, log = free_port(), tmp_path / f'uvicorn-{time.monotonic_ns()}.log'
     proc = subprocess.Popen([sys.executable, '-m', 'uvicorn', 'fraud_mlops.serving:app', '--host', '127.0.0.1', '--port', str(port),
                              '--workers', str(workers)], env={**os.environ, 'FRAUD_MLOPS_ADMIN_TOKEN': TOKEN, **env},
@@ -73,6 +73,12 @@ def server(tmp_path, env, workers=1, wait_ready=True):
         proc.terminate()
         try: proc.wait(15)
         except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+
+
+@pytest.fixture
+def server(free_port):
+    "`server(tmp_path, env, workers=1, wait_ready=True)`: `serve` on a free loopback port, as a context manager."
+    return partial(serve, free_port)
 
 
 def wait_for(check, seconds, what):
@@ -130,7 +136,7 @@ def test_runtime_matches_the_pipeline_on_the_ci_subset(models, data):
             for t in (0.05, 0.5, float(np.median(want))): assert ((got >= t) == (want >= t)).all()
 
 
-def test_reload_under_load_two_workers(tmp_path, store, models, data, rows):
+def test_reload_under_load_two_workers(server, tmp_path, store, models, data, rows):
     "Both workers move to the new champion by polling, with no failed and no mixed-version answer on the way."
     poll = 1.0
     v1 = promote(store, models[0], data)
@@ -159,7 +165,7 @@ def test_reload_under_load_two_workers(tmp_path, store, models, data, rows):
 
 
 @pytest.mark.parametrize('tamper', ['model bytes', 'signed manifest'])
-def test_tampered_bundle_refused_while_serving(tmp_path, store, models, data, rows, tamper, monkeypatch):
+def test_tampered_bundle_refused_while_serving(server, tmp_path, store, models, data, rows, tamper, monkeypatch):
     if tamper == 'signed manifest': monkeypatch.setenv('FRAUD_MLOPS_SIGNING_KEY', 'k' * 32)
     v1 = promote(store, models[0], data)
     env = {'FRAUD_MLOPS_STORE': store.uri, 'FRAUD_MLOPS_POLL_SECONDS': '0.3'}
@@ -189,7 +195,7 @@ def test_tampered_bundle_refused_while_serving(tmp_path, store, models, data, ro
         assert httpx.get(f'{url}/model').json()['serving']['reload_failure'] is None
 
 
-def test_store_down_at_startup_then_up(tmp_path, models, data):
+def test_store_down_at_startup_then_up(server, tmp_path, models, data):
     "A worker whose store does not exist yet starts, is live but not ready, and serves once the store has a champion."
     uri = str(tmp_path / 'later')
     with server(tmp_path, {'FRAUD_MLOPS_STORE': uri, 'FRAUD_MLOPS_POLL_SECONDS': '5'}, wait_ready=False) as (url, proc, log):
@@ -202,7 +208,7 @@ def test_store_down_at_startup_then_up(tmp_path, models, data):
         assert r.status_code == 200 and r.json()['model_version'] == v
 
 
-def test_s3_store_unreachable_at_startup_then_up(tmp_path, models, data, monkeypatch):
+def test_s3_store_unreachable_at_startup_then_up(server, free_port, tmp_path, models, data, monkeypatch):
     "Same with an S3 store whose endpoint is not listening at startup: retries with backoff, then serves."
     moto_server = pytest.importorskip('moto.server')
     port = free_port()
@@ -231,7 +237,7 @@ def rss_kb(pid):
         if line.startswith('VmRSS:'): return int(line.split()[1])
 
 
-def test_100_reloads_keep_memory_flat(tmp_path, store, models, data):
+def test_100_reloads_keep_memory_flat(server, tmp_path, store, models, data):
     "Alternating the champion and reloading 100 times leaves the worker's RSS within 20% of after the first reload."
     va, vb = promote(store, models[0], data), save(store, models[1], data)
     with server(tmp_path, {'FRAUD_MLOPS_STORE': store.uri, 'FRAUD_MLOPS_POLL_SECONDS': '0'}) as (url, proc, log):
@@ -249,7 +255,7 @@ def test_100_reloads_keep_memory_flat(tmp_path, store, models, data):
         assert rss[-1] <= 1.2 * rss[0], (rss[0], rss[-1])
 
 
-def test_limits_on_the_real_server(tmp_path, store, models, data):
+def test_limits_on_the_real_server(server, tmp_path, store, models, data):
     promote(store, models[0], data)
     with server(tmp_path, {'FRAUD_MLOPS_STORE': store.uri, 'FRAUD_MLOPS_MAX_BATCH': '5', 'FRAUD_MLOPS_MAX_BODY_BYTES': '20000'}) as (url, _, _):
         r = httpx.post(f'{url}/predict/batch', json={'instances': [EXAMPLE_FEATURES] * 6})
@@ -260,7 +266,7 @@ def test_limits_on_the_real_server(tmp_path, store, models, data):
 
 
 @pytest.mark.skipif(shutil.which('schemathesis', path=str(BIN)) is None, reason='schemathesis is a dev requirement')
-def test_schemathesis_finds_no_server_error(tmp_path, store, models, data):
+def test_schemathesis_finds_no_server_error(server, tmp_path, store, models, data):
     "Property-based requests generated from /openapi.json (valid and invalid bodies) never get a 5xx."
     promote(store, models[0], data)
     with server(tmp_path, {'FRAUD_MLOPS_STORE': store.uri, 'FRAUD_MLOPS_ACCESS_LOG': '0'}) as (url, _, _):
