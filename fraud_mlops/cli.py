@@ -211,10 +211,20 @@ def run(args):
 # %% ../nbs/09_cli.ipynb #1a20b992
 EXIT_CODES = ((ConflictError, 3), (StoreError, 4), (DataError, 2), (ConfigError, 2), (DeployError, 2), (JobFailed, 1))
 
+def _end(code):
+    "End this process now with `code`: output flushed and logs closed first, the interpreter's teardown skipped."
+    import logging
+    logging.shutdown()
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(code)
+
 def main(argv=None):
-    "Entry point of the `fraud-mlops` command."
+    "Entry point of the `fraud-mlops` command: carry out `argv` (default: the command line, ending the process as soon as it is done)."
     args = _parser().parse_args(argv)
+    code = 0
     try: run(args)
     except tuple(kind for kind, _ in EXIT_CODES) as e:
         print(f'error: {e}', file=sys.stderr)
-        sys.exit(next(code for kind, code in EXIT_CODES if isinstance(e, kind)))
+        code = next(c for kind, c in EXIT_CODES if isinstance(e, kind))
+    if argv is None: _end(code)   # the command's own process (see above); called with arguments, `main` returns or raises SystemExit
+    if code: sys.exit(code)
