@@ -16,7 +16,7 @@ import numpy as np
 from .config import settings
 from .data import DAY, FEATURES
 from .modelling import FEATURE_SOURCES, AverageEnsemble, FraudFeatures, derived_features
-from .quickscorer import QuickScorer, Unsupported, _compile, _threads_pool, forest_tables
+from .quickscorer import QuickScorer, Unsupported, _compile, forest_tables, in_slices
 from .registry import StoreError, utcnow
 
 # %% ../nbs/05b_runtime.ipynb #3a7e292f
@@ -73,8 +73,15 @@ def _gather(width):
     "Positions in [raw row (`width` columns), derived columns] of each model column, as `FEATURE_SOURCES` lays them out."
     return np.where(FEATURE_SOURCES >= 0, FEATURE_SOURCES, width + ~FEATURE_SOURCES)
 
+class _Runtime:
+    "What the fast runtimes share: a single row goes through `one`, more through `batch`, on `threads` threads from `PARALLEL_ROWS` rows on."
+    def __call__(self, rows):
+        "P(fraud) of float64 rows (n, 30): a single row alone, a batch on `self.threads` threads from `PARALLEL_ROWS` rows on, else one."
+        if len(rows) == 1: return np.array([self.one(rows[0])])
+        return self.batch(rows, self.threads if len(rows) >= PARALLEL_ROWS else 1)
+
 # %% ../nbs/05b_runtime.ipynb #6fb7b7db
-class BoosterRuntime:
+class BoosterRuntime(_Runtime):
     "P(fraud) of a fitted FraudFeatures + LGBMClassifier pipeline: single rows through LightGBM's C API, batches through QuickScorer."
     def __init__(self, model, threads=None):
         import ctypes, weakref
@@ -105,10 +112,8 @@ class BoosterRuntime:
         self._call(self._lib.LGBM_BoosterPredictForMatSingleRowFast(self.config, self._row_p, self._ct.byref(self.n), self._out_p))
         return float(self.out[0])
 
-    def __call__(self, rows):
-        "P(fraud) of float64 rows (n, 30); `self.threads` threads from `PARALLEL_ROWS` rows on, else one."
-        if len(rows) == 1: return np.array([self.one(rows[0])])
-        threads = self.threads if len(rows) >= PARALLEL_ROWS else 1
+    def batch(self, rows, threads):
+        "P(fraud) of float64 rows (n, 30) on `threads` threads: QuickScorer, or LightGBM's own predict for a forest it refuses."
         if self.quick: return self.quick(rows, threads)
         return self.booster.predict(self.features.transform(rows), num_iteration=self.iterations, num_threads=threads)
 
@@ -229,13 +234,7 @@ class ForestRuntime:
         "P(class 1) of float64 feature rows `F` (n, features), on up to `threads` threads (slices of equal size)."
         F = np.ascontiguousarray(F, dtype=np.float64)
         if F.ndim != 2 or F.shape[1] != self.features: raise ValueError(f'rows of shape {F.shape}; the forest reads {self.features} features')
-        out = np.empty(len(F))
-        cuts = np.linspace(0, len(F), max(1, min(threads, len(F))) + 1).astype(int)
-        parts = [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
-        later = [_threads_pool().submit(_forest_rows, F[s], self.roots, self.nodes, out[s]) for s in parts[1:]]
-        _forest_rows(F[parts[0]], self.roots, self.nodes, out[parts[0]])
-        for f in later: f.result()
-        return out
+        return in_slices(lambda rows, out: _forest_rows(rows, self.roots, self.nodes, out), len(F), threads, F)
 
 # %% ../nbs/05b_runtime.ipynb #80c81545
 def _lgbm_and_forest(model):
@@ -248,7 +247,7 @@ def _lgbm_and_forest(model):
     if len(members) != 2 or len(lgbm) != 1: return None
     return lgbm[0], members[1] if members[0] is lgbm[0] else members[0]
 
-class EnsembleRuntime:
+class EnsembleRuntime(_Runtime):
     "P(fraud) of a fitted FraudFeatures + AverageEnsemble([LGBMClassifier, forest]) pipeline: (BoosterRuntime + ForestRuntime) / 2."
     def __init__(self, model, threads=None):
         from sklearn.pipeline import Pipeline
@@ -264,11 +263,9 @@ class EnsembleRuntime:
         p = self.booster.one(x)                     # leaves the row's 32 features in `self.booster.row`
         return (p + self.forest.one(self.booster.row)) / 2
 
-    def __call__(self, rows):
-        "P(fraud) of float64 rows (n, 30); `self.threads` threads from `PARALLEL_ROWS` rows on, else one."
-        if len(rows) == 1: return np.array([self.one(rows[0])])
-        threads = self.threads if len(rows) >= PARALLEL_ROWS else 1
-        return (self.booster(rows) + self.forest(self.features.transform(rows), threads)) / 2
+    def batch(self, rows, threads):
+        "P(fraud) of float64 rows (n, 30) on `threads` threads."
+        return (self.booster.batch(rows, threads) + self.forest(self.features.transform(rows), threads)) / 2
 
 # %% ../nbs/05b_runtime.ipynb #051df9b9
 def fast_predictor(model, threads=None):
