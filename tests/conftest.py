@@ -98,6 +98,20 @@ def cli():
 
 
 @pytest.fixture(scope='session')
+def papermill_train():
+    """`papermill_train(out, store, data=None, **params)`: `papermill nbs/03_train.ipynb OUT -p data_path DATA -p store STORE
+    [-p NAME VALUE]...` in out's folder, as users run the training job (DATA: the CI subset unless given); fails the test with
+    the job's output unless it succeeds."""
+    def run(out, store, data=None, **params):
+        args = [BIN/'papermill', ROOT/'nbs'/'03_train.ipynb', out, '-p', 'data_path', data or resolve_path(CI_SUBSET), '-p', 'store', store]
+        for name, value in params.items(): args += ['-p', name, value]
+        r = subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=Path(out).parent)
+        assert r.returncode == 0, f'the training job failed:\n{r.stderr[-4000:]}'
+        return r
+    return run
+
+
+@pytest.fixture(scope='session')
 def free_port():
     "`free_port()`: a loopback TCP port nothing listens on (bound and released: until someone takes it, connections are refused)."
     def port():
@@ -112,6 +126,13 @@ class Server(NamedTuple):
     log: Path                 # its stdout and stderr
     env: dict                 # the whole environment it runs with
 
+    def stop(self):
+        "SIGTERM (SIGKILL after 15 s) unless it has exited; its log is complete afterwards."
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try: self.proc.wait(15)
+            except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait()
+
 
 @pytest.fixture
 def api_server(tmp_path, free_port):
@@ -119,7 +140,8 @@ def api_server(tmp_path, free_port):
     `tmp_path` on a free loopback port (UVICORN_HOST and UVICORN_PORT set last, `{port}` in `cmd` replaced), with `env` on top of
     ours (of nothing with `clean_env`, as in a container); return a Server once GET `wait` answers 200. `cmd` defaults to
     `uvicorn fraud_mlops.serving:app`; e.g. `['fraud-mlops', 'serve', '--port', '{port}']` or an image's CMD.
-    At teardown each server is stopped and the end of its log printed, which pytest shows when the test failed."""
+    At teardown each server is stopped (`Server.stop` does it sooner) and the end of its log printed, which pytest shows when
+    the test failed."""
     started = []
     def start(env=None, cmd=None, wait='/health/ready', seconds=60, clean_env=False):
         port = free_port()
@@ -140,10 +162,7 @@ def api_server(tmp_path, free_port):
             time.sleep(0.1)
     yield start
     for server, cmd in started:
-        if server.proc.poll() is None:
-            server.proc.terminate()
-            try: server.proc.wait(15)
-            except subprocess.TimeoutExpired: server.proc.kill(); server.proc.wait()
+        server.stop()
         print(f'--- {shlex.join(cmd)} on {server.url} (exit {server.proc.returncode}), end of its log:\n'
               f'{server.log.read_text(errors="replace")[-4000:]}')
 

@@ -1,5 +1,5 @@
 "Tests of the HTTP API (fraud_mlops.serving): contract, bad input, readiness, reload, and one real uvicorn server."
-import json, os, re, subprocess, sys, time
+import json, re
 from pathlib import Path
 
 import httpx
@@ -14,7 +14,7 @@ from sklearn.preprocessing import StandardScaler
 
 from fraud_mlops.config import ConfigError
 from fraud_mlops.data import FEATURES, TARGET
-from fraud_mlops.registry import read_champion, save_version, set_champion
+from fraud_mlops.registry import set_champion
 from fraud_mlops.runtime import EXAMPLE_FEATURES
 from fraud_mlops.serving import FastPathError, app, create_app
 
@@ -38,18 +38,10 @@ def model(data):
                                                                   random_state=0, n_jobs=2)).fit(X, y)
 
 
-def promote(store, model, data, threshold=0.5):
-    "Save `model` as a new version in `store` and make it the champion; return its version."
-    X, y = data
-    v = save_version(store, model, {'threshold': threshold, 'metrics': {'test': {'f1': 0.5}}}, X[:100], y[:100])['version']
-    set_champion(store, v, read_champion(store)[1])
-    return v
-
-
 @pytest.fixture
-def champion(store, monkeypatch, model, data):
+def champion(store, monkeypatch, model, data, save_as_champion):
     "`store` (from conftest) with `model` as champion, named by FRAUD_MLOPS_STORE; returns the version."
-    v = promote(store, model, data)
+    v = save_as_champion(store, model, *data)
     monkeypatch.setenv('FRAUD_MLOPS_STORE', store.uri)
     monkeypatch.setenv('FRAUD_MLOPS_ADMIN_TOKEN', TOKEN)
     monkeypatch.delenv('FRAUD_MLOPS_MAX_BATCH', raising=False)
@@ -108,13 +100,13 @@ def test_batch_equals_singles(client, data, champion):
     assert small['predictions'] == batch['predictions'][:3]
 
 
-def test_threshold_decides(store, monkeypatch, model, data):
+def test_threshold_decides(store, monkeypatch, model, data, save_as_champion):
     "Fraud iff probability >= the manifest's threshold, for single and batch predictions alike."
     X, y = data
     p = model.predict_proba(X)[:, 1]
     at = int(np.flatnonzero((p > 0.2) & (p < 0.8))[0])  # a row scored strictly between 0 and 1
     below, above = int(np.flatnonzero(p < p[at])[0]), int(np.flatnonzero(p > p[at])[0])
-    promote(store, model, data, threshold=float(p[at]))  # the threshold is exactly that row's probability
+    save_as_champion(store, model, *data, threshold=float(p[at]))  # the threshold is exactly that row's probability
     monkeypatch.setenv('FRAUD_MLOPS_STORE', store.uri)
     with TestClient(app) as c:
         rows = [below, at, above]
@@ -262,7 +254,7 @@ def test_corrupt_champion(store, champion):
     with TestClient(app) as c: assert_not_ready(c, "does not match its manifest's SHA-256")
 
 
-def test_reload_after_a_late_champion(store, monkeypatch, model, data):
+def test_reload_after_a_late_champion(store, monkeypatch, model, data, save_as_champion):
     "A worker that started before the first promotion serves it after a reload."
     monkeypatch.setenv('FRAUD_MLOPS_STORE', store.uri)
     monkeypatch.setenv('FRAUD_MLOPS_ADMIN_TOKEN', TOKEN)
@@ -274,7 +266,7 @@ def test_reload_after_a_late_champion(store, monkeypatch, model, data):
         assert r.status_code == 503 and r.json()['detail'].startswith('no model loaded: ') and 'not valid JSON' in r.json()['detail']
         assert 'not valid JSON' in c.get('/').json()['reason']  # the latest reason is shown
         (store.root / 'champion.json').unlink()
-        v = promote(store, model, data)
+        v = save_as_champion(store, model, *data)
         assert c.post('/reload', headers=ADMIN).json() == {'reloaded': True, 'model_version': v, 'previous_version': None}
         assert c.get('/').json()['reason'] is None
         assert c.post('/predict', json={'features': EXAMPLE_FEATURES}).json()['model_version'] == v
@@ -304,9 +296,9 @@ def test_reload_unchanged(client, champion):
     assert 'fraud_mlops_reloads_total{result="unchanged"} 1.0' in client.get('/metrics').text.splitlines()
 
 
-def test_reload_picks_up_a_promotion(client, store, champion, model, data):
+def test_reload_picks_up_a_promotion(client, store, champion, model, data, save_as_champion):
     v1 = champion
-    v2 = promote(store, model, data, threshold=0.0)
+    v2 = save_as_champion(store, model, *data, threshold=0.0)
     assert client.post('/predict', json={'features': EXAMPLE_FEATURES}).json()['model_version'] == v1  # not until reloaded
     r = client.post('/reload', headers=ADMIN)
     assert (r.status_code, r.json()) == (200, {'reloaded': True, 'model_version': v2, 'previous_version': v1})
@@ -318,9 +310,9 @@ def test_reload_picks_up_a_promotion(client, store, champion, model, data):
     assert f'fraud_mlops_model_info{{runtime="sklearn-pipeline",version="{v2}"}} 1.0' in client.get('/metrics').text.splitlines()
 
 
-def test_failed_reload_keeps_serving(client, store, champion, model, data):
+def test_failed_reload_keeps_serving(client, store, champion, model, data, save_as_champion):
     v1 = champion
-    v2 = promote(store, model, data)
+    v2 = save_as_champion(store, model, *data)
     f = store.root / 'versions' / v2 / 'model.joblib'
     f.write_bytes(b'not a model')
     r = client.post('/reload', headers=ADMIN)
@@ -341,30 +333,11 @@ def test_failed_reload_keeps_serving(client, store, champion, model, data):
 
 # ---------------------------------------------------------------- a real server
 
-def test_real_uvicorn_server(store, champion, tmp_path, free_port):
+def test_real_uvicorn_server(store, champion, api_server):
     v = champion
-    port, logf = free_port(), open(tmp_path / 'uvicorn.log', 'wb')
-    env = {**os.environ, 'FRAUD_MLOPS_STORE': store.uri}
-    proc = subprocess.Popen([sys.executable, '-m', 'uvicorn', 'fraud_mlops.serving:app', '--host', '127.0.0.1', '--port', str(port)],
-                            env=env, stdout=logf, stderr=subprocess.STDOUT)
-    url = f'http://127.0.0.1:{port}'
-    try:
-        deadline, ready = time.monotonic() + 30, None
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                ready = httpx.get(f'{url}/health/ready', timeout=1)
-                if ready.status_code == 200: break
-            except httpx.TransportError: pass
-            time.sleep(0.1)
-        log = (tmp_path / 'uvicorn.log').read_text(errors='replace')
-        assert ready is not None and ready.status_code == 200, f'server not ready (exit {proc.poll()}):\n{log}'
-        r = httpx.post(f'{url}/predict', json={'features': EXAMPLE_FEATURES}, timeout=5)
-        assert r.status_code == 200 and r.json()['prediction'] == 'legit' and r.json()['model_version'] == v, r.text
-    finally:
-        proc.terminate()
-        try: proc.wait(timeout=10)
-        except subprocess.TimeoutExpired: proc.kill(); proc.wait()
-        logf.close()
+    url = api_server({'FRAUD_MLOPS_STORE': store.uri}).url   # up once /health/ready answers 200
+    r = httpx.post(f'{url}/predict', json={'features': EXAMPLE_FEATURES}, timeout=5)
+    assert r.status_code == 200 and r.json()['prediction'] == 'legit' and r.json()['model_version'] == v, r.text
 
 
 # ---------------------------------------------------------------- request path: access log, limits, fast parser

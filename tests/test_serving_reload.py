@@ -2,7 +2,6 @@
 comes up after the server, 100 reloads and memory, and schemathesis against /openapi.json. All traffic is to 127.0.0.1."""
 import asyncio, json, os, shutil, subprocess, sys, time
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 
 import httpx
@@ -43,42 +42,17 @@ def save(store, model, data, threshold=0.5):
     return save_version(store, model, {'threshold': threshold, 'metrics': {'test': {'f1': 0.5}}}, X[:50], y[:50])['version']
 
 
-def promote(store, model, data, threshold=0.5):
-    v = save(store, model, data, threshold)
-    set_champion(store, v, read_champion(store)[1])
-    return v
-
-
-
-@contextmanager
-def serve(free_port, tmp_path, env, workers=1, wait_ready=True):
-    "A uvicorn server of the API on a loopback port from `free_port` (conftest's fixture); yields (url, process, log path)."
-    port, log = free_port(), tmp_path / f'uvicorn-{time.monotonic_ns()}.log'
-    proc = subprocess.Popen([sys.executable, '-m', 'uvicorn', 'fraud_mlops.serving:app', '--host', '127.0.0.1', '--port', str(port),
-                             '--workers', str(workers)], env={**os.environ, 'FRAUD_MLOPS_ADMIN_TOKEN': TOKEN, **env},
-                            stdout=open(log, 'wb'), stderr=subprocess.STDOUT)
-    url = f'http://127.0.0.1:{port}'
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f'server exited {proc.returncode}:\n{log.read_text(errors="replace")[-3000:]}'
-            assert time.monotonic() < deadline, f'server not up:\n{log.read_text(errors="replace")[-3000:]}'
-            try:
-                r = httpx.get(f'{url}/health/{"ready" if wait_ready else "live"}', timeout=2)
-                if r.status_code == 200: break
-            except httpx.TransportError: pass
-            time.sleep(0.1)
-        yield url, proc, log
-    finally:
-        proc.terminate()
-        try: proc.wait(15)
-        except subprocess.TimeoutExpired: proc.kill(); proc.wait()
-
-
 @pytest.fixture
-def server(free_port):
-    "`server(tmp_path, env, workers=1, wait_ready=True)`: `serve` on a free loopback port, as a context manager."
-    return partial(serve, free_port)
+def server(api_server):
+    """`server(env, workers=1, wait_ready=True)`: conftest's `api_server` with the admin token, as a context manager that
+    stops it on exit (its log is complete then); yields (url, process, log path)."""
+    @contextmanager
+    def serve(env, workers=1, wait_ready=True):
+        s = api_server({'FRAUD_MLOPS_ADMIN_TOKEN': TOKEN, 'WEB_CONCURRENCY': str(workers), **env},
+                       wait='/health/ready' if wait_ready else '/health/live')
+        try: yield s.url, s.proc, s.log
+        finally: s.stop()
+    return serve
 
 
 def wait_for(check, seconds, what):
@@ -136,16 +110,17 @@ def test_runtime_matches_the_pipeline_on_the_ci_subset(models, data):
             for t in (0.05, 0.5, float(np.median(want))): assert ((got >= t) == (want >= t)).all()
 
 
-def test_reload_under_load_two_workers(server, tmp_path, store, models, data, rows):
+@pytest.mark.slow
+def test_reload_under_load_two_workers(server, save_as_champion, store, models, data, rows):
     "Both workers move to the new champion by polling, with no failed and no mixed-version answer on the way."
     poll = 1.0
-    v1 = promote(store, models[0], data)
+    v1 = save_as_champion(store, models[0], *data)
     expected = {}
-    with server(tmp_path, {'FRAUD_MLOPS_STORE': store.uri, 'FRAUD_MLOPS_POLL_SECONDS': str(poll)}, workers=2) as (url, proc, log):
+    with server({'FRAUD_MLOPS_STORE': store.uri, 'FRAUD_MLOPS_POLL_SECONDS': str(poll)}, workers=2) as (url, proc, log):
         flipped = {}
         def flip():
             time.sleep(1.5)
-            flipped['v2'] = promote(store, models[1], data)
+            flipped['v2'] = save_as_champion(store, models[1], *data)
             flipped['at'] = time.monotonic()
         results = asyncio.run(load(url, rows, seconds=1.5 + poll + 8, during=flip, fresh=True))
         v2 = flipped['v2']
@@ -165,11 +140,11 @@ def test_reload_under_load_two_workers(server, tmp_path, store, models, data, ro
 
 
 @pytest.mark.parametrize('tamper', ['model bytes', 'signed manifest'])
-def test_tampered_bundle_refused_while_serving(server, tmp_path, store, models, data, rows, tamper, monkeypatch):
+def test_tampered_bundle_refused_while_serving(server, save_as_champion, store, models, data, rows, tamper, monkeypatch):
     if tamper == 'signed manifest': monkeypatch.setenv('FRAUD_MLOPS_SIGNING_KEY', 'k' * 32)
-    v1 = promote(store, models[0], data)
+    v1 = save_as_champion(store, models[0], *data)
     env = {'FRAUD_MLOPS_STORE': store.uri, 'FRAUD_MLOPS_POLL_SECONDS': '0.3'}
-    with server(tmp_path, env) as (url, proc, log):
+    with server(env) as (url, proc, log):
         def bad_promotion():
             time.sleep(0.5)
             v = save(store, models[1], data)
@@ -190,35 +165,31 @@ def test_tampered_bundle_refused_while_serving(server, tmp_path, store, models, 
         assert 'fraud_mlops_reload_failing 1.0' in metrics and 'fraud_mlops_reloads_total{result="failed"} 1.0' in metrics  # fetched once
         r = httpx.post(f'{url}/reload', headers=ADMIN)  # an explicit reload tries again, and is refused again
         assert r.status_code == 503 and r.json()['detail'].startswith(f'reload failed, still serving version {v1}: ')
-        v3 = promote(store, models[1], data)  # a good promotion afterwards is picked up and clears the failure
+        v3 = save_as_champion(store, models[1], *data)  # a good promotion afterwards is picked up and clears the failure
         wait_for(lambda: httpx.get(f'{url}/health/ready').json()['model_version'] == v3, 20, 'good version not served')
         assert httpx.get(f'{url}/model').json()['serving']['reload_failure'] is None
 
 
-def test_store_down_at_startup_then_up(server, tmp_path, models, data):
+def test_store_down_at_startup_then_up(server, save_as_champion, tmp_path, models, data):
     "A worker whose store does not exist yet starts, is live but not ready, and serves once the store has a champion."
     uri = str(tmp_path / 'later')
-    with server(tmp_path, {'FRAUD_MLOPS_STORE': uri, 'FRAUD_MLOPS_POLL_SECONDS': '5'}, wait_ready=False) as (url, proc, log):
+    with server({'FRAUD_MLOPS_STORE': uri, 'FRAUD_MLOPS_POLL_SECONDS': '5'}, wait_ready=False) as (url, proc, log):
         r = httpx.get(f'{url}/health/ready')
         assert r.status_code == 503 and 'does not exist' in r.json()['detail']
         assert httpx.post(f'{url}/predict', json={'features': EXAMPLE_FEATURES}).status_code == 503
-        v = promote(open_store(uri, create=True), models[0], data)
+        v = save_as_champion(open_store(uri, create=True), models[0], *data)
         wait_for(lambda: httpx.get(f'{url}/health/ready').status_code == 200, 20, 'not ready after the store came up')
         r = httpx.post(f'{url}/predict', json={'features': EXAMPLE_FEATURES})
         assert r.status_code == 200 and r.json()['model_version'] == v
 
 
-def test_s3_store_unreachable_at_startup_then_up(server, free_port, tmp_path, models, data, monkeypatch):
+def test_s3_store_unreachable_at_startup_then_up(server, save_as_champion, aws_env, free_port, models, data):
     "Same with an S3 store whose endpoint is not listening at startup: retries with backoff, then serves."
     moto_server = pytest.importorskip('moto.server')
     port = free_port()
-    env = {'AWS_ENDPOINT_URL': f'http://127.0.0.1:{port}', 'AWS_ACCESS_KEY_ID': 'testing', 'AWS_SECRET_ACCESS_KEY': 'testing',
-           'AWS_DEFAULT_REGION': 'us-east-1', 'AWS_EC2_METADATA_DISABLED': 'true', 'AWS_MAX_ATTEMPTS': '1',
-           'FRAUD_MLOPS_S3_CONNECT_TIMEOUT': '1', 'FRAUD_MLOPS_S3_READ_TIMEOUT': '5'}
-    for k in [k for k in os.environ if k.startswith('AWS_')]: monkeypatch.delenv(k)
-    for k, v in env.items(): monkeypatch.setenv(k, v)
+    env = aws_env(f'http://127.0.0.1:{port}', AWS_MAX_ATTEMPTS='1', FRAUD_MLOPS_S3_CONNECT_TIMEOUT='1', FRAUD_MLOPS_S3_READ_TIMEOUT='5')
     uri = 's3://fraud-later/registry'
-    with server(tmp_path, {**env, 'FRAUD_MLOPS_STORE': uri, 'FRAUD_MLOPS_POLL_SECONDS': '5'}, wait_ready=False) as (url, proc, log):
+    with server({**env, 'FRAUD_MLOPS_STORE': uri, 'FRAUD_MLOPS_POLL_SECONDS': '5'}, wait_ready=False) as (url, proc, log):
         r = httpx.get(f'{url}/health/ready')
         assert r.status_code == 503 and 'cannot reach S3' in r.json()['detail'], r.json()
         s3 = moto_server.ThreadedMotoServer(ip_address='127.0.0.1', port=port, verbose=False)
@@ -226,7 +197,7 @@ def test_s3_store_unreachable_at_startup_then_up(server, free_port, tmp_path, mo
         try:
             from fraud_mlops.registry import s3_client
             s3_client().create_bucket(Bucket='fraud-later')
-            v = promote(open_store(uri, create=True), models[0], data)
+            v = save_as_champion(open_store(uri, create=True), models[0], *data)
             wait_for(lambda: httpx.get(f'{url}/health/ready').status_code == 200, 30, 'not ready after S3 came up')
             assert httpx.post(f'{url}/predict', json={'features': EXAMPLE_FEATURES}).json()['model_version'] == v
         finally: s3.stop()
@@ -237,10 +208,11 @@ def rss_kb(pid):
         if line.startswith('VmRSS:'): return int(line.split()[1])
 
 
-def test_100_reloads_keep_memory_flat(server, tmp_path, store, models, data):
+@pytest.mark.slow
+def test_100_reloads_keep_memory_flat(server, save_as_champion, store, models, data):
     "Alternating the champion and reloading 100 times leaves the worker's RSS within 20% of after the first reload."
-    va, vb = promote(store, models[0], data), save(store, models[1], data)
-    with server(tmp_path, {'FRAUD_MLOPS_STORE': store.uri, 'FRAUD_MLOPS_POLL_SECONDS': '0'}) as (url, proc, log):
+    va, vb = save_as_champion(store, models[0], *data), save(store, models[1], data)
+    with server({'FRAUD_MLOPS_STORE': store.uri, 'FRAUD_MLOPS_POLL_SECONDS': '0'}) as (url, proc, log):
         assert httpx.post(f'{url}/reload').status_code == 401  # auth on the real server too
         with httpx.Client(base_url=url, timeout=30) as c:
             rss = []
@@ -255,9 +227,9 @@ def test_100_reloads_keep_memory_flat(server, tmp_path, store, models, data):
         assert rss[-1] <= 1.2 * rss[0], (rss[0], rss[-1])
 
 
-def test_limits_on_the_real_server(server, tmp_path, store, models, data):
-    promote(store, models[0], data)
-    with server(tmp_path, {'FRAUD_MLOPS_STORE': store.uri, 'FRAUD_MLOPS_MAX_BATCH': '5', 'FRAUD_MLOPS_MAX_BODY_BYTES': '20000'}) as (url, _, _):
+def test_limits_on_the_real_server(server, save_as_champion, store, models, data):
+    save_as_champion(store, models[0], *data)
+    with server({'FRAUD_MLOPS_STORE': store.uri, 'FRAUD_MLOPS_MAX_BATCH': '5', 'FRAUD_MLOPS_MAX_BODY_BYTES': '20000'}) as (url, _, _):
         r = httpx.post(f'{url}/predict/batch', json={'instances': [EXAMPLE_FEATURES] * 6})
         assert (r.status_code, r.json()['detail']) == (413, 'batch of 6 rows is over the limit of 5 (FRAUD_MLOPS_MAX_BATCH); split it')
         r = httpx.post(f'{url}/predict/batch', content=b'{"instances": [' + b' ' * 30_000 + b']}', headers={'content-type': 'application/json'})
@@ -265,11 +237,12 @@ def test_limits_on_the_real_server(server, tmp_path, store, models, data):
         assert httpx.post(f'{url}/predict', json={'features': EXAMPLE_FEATURES}, headers={'X-Request-ID': 'req-42'}).headers['x-request-id'] == 'req-42'
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which('schemathesis', path=str(BIN)) is None, reason='schemathesis is a dev requirement')
-def test_schemathesis_finds_no_server_error(server, tmp_path, store, models, data):
+def test_schemathesis_finds_no_server_error(server, save_as_champion, tmp_path, store, models, data):
     "Property-based requests generated from /openapi.json (valid and invalid bodies) never get a 5xx."
-    promote(store, models[0], data)
-    with server(tmp_path, {'FRAUD_MLOPS_STORE': store.uri, 'FRAUD_MLOPS_ACCESS_LOG': '0'}) as (url, _, _):
+    save_as_champion(store, models[0], *data)
+    with server({'FRAUD_MLOPS_STORE': store.uri, 'FRAUD_MLOPS_ACCESS_LOG': '0'}) as (url, _, _):
         r = subprocess.run([BIN / 'schemathesis', 'run', f'{url}/openapi.json', '--checks', 'not_a_server_error',
                             '--max-examples', '40', '--seed', '5', '--request-timeout', '10', '--continue-on-failure'],
                            capture_output=True, text=True, timeout=300, env={**os.environ, 'NO_COLOR': '1'}, cwd=tmp_path)
