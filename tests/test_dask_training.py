@@ -1,25 +1,20 @@
 "The training job with `engine='dask'` (papermill, LightGBM's Dask interface on 2 worker processes): an ordinary candidate."
-import json, subprocess, sys
-from pathlib import Path
+import json
 
 import numpy as np
 import pytest
 
-from fraud_mlops.data import CI_SUBSET, resolve_path
 from fraud_mlops.registry import list_versions, load_evaluation, load_manifest, load_model, open_store
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow   # a training job and LocalClusters of worker processes
 
 
 @pytest.fixture(scope='module')
-def dask_run(tmp_path_factory):
+def dask_run(tmp_path_factory, papermill_train):
     "Run the training notebook with engine dask on the CI subset; return (store, executed notebook)."
     tmp = tmp_path_factory.mktemp('dask-train')
-    subprocess.run([BIN/'papermill', ROOT/'nbs'/'03_train.ipynb', tmp/'out.ipynb', '-p', 'data_path', resolve_path(CI_SUBSET),
-                    '-p', 'store', tmp/'store', '-p', 'model', 'lgbm', '-p', 'engine', 'dask', '-p', 'partition_rows', '1500', '-p', 'compare_with', '',
-                    '-p', 'random_split_report', 'False', '-p', 'n_boot', '300',
-                    '-p', 'folds', '2', '-p', 'cv_folds', '2'], check=True, capture_output=True, cwd=tmp)
+    papermill_train(tmp/'out.ipynb', tmp/'store', model='lgbm', engine='dask', partition_rows=1500, compare_with='',
+                    random_split_report=False, n_boot=300, folds=2, cv_folds=2)
     return open_store(tmp/'store'), tmp/'out.ipynb'
 
 
@@ -49,9 +44,9 @@ def test_quality_is_reported_beside_the_in_process_fit_and_within_its_noise(dask
     assert 'Dask: 2 workers at tcp://127.0.0.1:' in text
 
 
-def test_the_dask_candidate_is_promoted_like_any_other(dask_run):
+def test_the_dask_candidate_is_promoted_like_any_other(dask_run, cli):
     store, _ = dask_run
-    r = subprocess.run([BIN/'fraud-mlops', 'promote', '--store', store.root, '--no-notify'], capture_output=True, text=True)
+    r = cli('promote', '--store', store.root, '--no-notify')
     assert r.returncode == 0 and r.stdout.startswith(f'promoted: {list_versions(store)[0]}'), r.stderr
 
 

@@ -50,6 +50,7 @@ def push(ecr, image):
                   imageManifestMediaType='application/vnd.oci.image.manifest.v1+json')
 
 
+@pytest.mark.slow                                           # the README's whole deploy flow
 @pytest.mark.filterwarnings("ignore:Tried to parse AWS::")   # moto skips three resource types; see create_or_update
 def test_from_an_empty_account_to_a_deployed_api(moto_aws):
     cfn, ecs, ecr = boto3.client('cloudformation'), boto3.client('ecs'), boto3.client('ecr')

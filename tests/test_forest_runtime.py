@@ -15,6 +15,8 @@ def lgbm_rf(full_xy):
     return fit_model(make_model('lgbm_rf'), X, y, 0.25)
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_forest_same_bits_as_scikit_learn_on_the_full_data(full_xy, lgbm_rf):
     "The forest member alone: every probability equals its own predict_proba exactly, on 1 and 2 threads and row by row."
     X, _ = full_xy
@@ -27,6 +29,8 @@ def test_forest_same_bits_as_scikit_learn_on_the_full_data(full_xy, lgbm_rf):
     assert np.array([rt.one(f) for f in F[:50_000]]).tobytes() == want[:50_000].tobytes()
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_same_bits_as_predict_proba_on_the_full_data(full_xy, lgbm_rf):
     "(LightGBM + forest) / 2 equals the pipeline's predict_proba exactly: batches on 1 and 2 threads, every row alone, and served."
     X, _ = full_xy
@@ -41,6 +45,8 @@ def test_same_bits_as_predict_proba_on_the_full_data(full_xy, lgbm_rf):
     assert all(served.predict(X[i:i + 1]).tobytes() == want[i:i + 1].tobytes() for i in range(0, len(X), 997))
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_concurrent_callers_get_their_own_answers(full_xy, lgbm_rf):
     "Threads scoring different slices at once (as Dask worker threads and the API's batch threads do) each get exactly their rows' probabilities."
     X, _ = full_xy

@@ -56,6 +56,8 @@ def inference_venv(tmp_path_factory, dockerfile):
     return venv
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_fresh_venv_holds_only_the_serving_stack(inference_venv):
     out = subprocess.run([inference_venv/'bin'/'python', '-m', 'pip', 'list', '--format', 'json'],
                          capture_output=True, text=True, check=True).stdout
@@ -70,6 +72,8 @@ def workers(pid):
     return [k for k in kids if b'spawn_main' in Path(f'/proc/{k}/cmdline').read_bytes()]
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_image_cmd_serves_a_prediction_answers_its_healthcheck_and_stops_on_sigterm(inference_venv, dockerfile, champion,
                                                                                       api_server, example_request, free_port, store):
     "The final stage's CMD with its ENV (PATH to the fresh venv, a loopback port) serves `store`'s champion."

@@ -6,6 +6,8 @@ from fraud_mlops.modelling import FEATURE_SOURCES, derived_features, fit_model, 
 from fraud_mlops.quickscorer import QuickScorer, forest_tables
 from fraud_mlops.runtime import prepare_model
 
+pytestmark = [pytest.mark.slow, pytest.mark.network]   # all 284,807 rows of the fetched dataset
+
 
 @pytest.mark.parametrize('params', [{}, {'num_leaves': 31, 'n_estimators': 300, 'learning_rate': 0.05}], ids=['default', 'wide'])
 def test_same_bits_as_lightgbm_on_the_full_data(full_xy, params):

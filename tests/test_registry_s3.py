@@ -1,7 +1,6 @@
 """The registry on S3: unit tests under moto's `mock_aws`, integration tests against a moto server over HTTP
 (papermill training, promotion, rollback, two promoters racing, tampered bundles, the API serving from S3)."""
 import io, json, os, socket, subprocess, sys, threading, time
-from pathlib import Path
 
 import httpx
 import joblib
@@ -11,15 +10,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from fraud_mlops.data import CI_SUBSET, resolve_path, time_split
+from fraud_mlops.data import time_split
 from fraud_mlops.modelling import features_and_labels
 from fraud_mlops.promotion import promote, rollback
 from fraud_mlops.registry import (IntegrityError, S3Store, StoreError, decided_versions, list_decisions,
                                   list_versions, load_champion, load_manifest, model_statuses, open_store, read_champion,
                                   request_log, save_version, sha256_hex)
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 TOKEN = 'test-admin-token'
 
 
@@ -334,16 +331,15 @@ def test_an_unchanged_pointer_costs_a_bodiless_304_and_a_moved_one_is_read(s3_ur
     assert served.version == pointer['version'] and seen == new_tag
 
 
-def test_train_with_papermill_into_s3_then_promote_serve_reload_and_roll_back(cli, api_server, example_request, s3_uri, parts, weak,
-                                                                              tmp_path):
+@pytest.mark.slow
+def test_train_with_papermill_into_s3_then_promote_serve_reload_and_roll_back(papermill_train, cli, api_server, example_request,
+                                                                              s3_uri, parts, weak, tmp_path):
     store = open_store(s3_uri, create=True)
     first = bundle(store, weak, parts)
     assert cli('promote', '--store', s3_uri, '--no-notify').returncode == 0
     url = api_server({'FRAUD_MLOPS_STORE': s3_uri, 'FRAUD_MLOPS_ADMIN_TOKEN': TOKEN}).url
     assert httpx.post(f'{url}/predict', json=example_request, timeout=5).json()['model_version'] == first
-    subprocess.run([BIN/'papermill', ROOT/'nbs'/'03_train.ipynb', tmp_path/'out.ipynb', '-p', 'data_path', resolve_path(CI_SUBSET),
-                    '-p', 'store', s3_uri, '-p', 'n_estimators', '30', '-p', 'compare_with', ''],
-                   check=True, capture_output=True, cwd=tmp_path)
+    papermill_train(tmp_path/'out.ipynb', s3_uri, n_estimators=30, compare_with='')
     trained, = set(list_versions(store)) - {first}
     assert store.keys(f'versions/{trained}') == [f'versions/{trained}/{f}' for f in ('eval.npz', 'manifest.json', 'model.joblib')]
     assert load_manifest(store, trained)['data']['rows'] == 10_000

@@ -134,6 +134,7 @@ def same_output(a, b):
     if Path(sidecar(a)).exists(): pd.testing.assert_frame_equal(pd.read_csv(sidecar(a)), pd.read_csv(sidecar(b)))
 
 
+@pytest.mark.slow
 def test_dask_engine_gives_the_local_engines_output(cli, cluster, champion, store, inputs, tmp_path):
     "CSV and Parquet, good and bad rows, on two workers: identical files, identical bad rows, the same refusal."
     df, d = inputs
@@ -149,6 +150,7 @@ def test_dask_engine_gives_the_local_engines_output(cli, cluster, champion, stor
     assert r.returncode == 2 and "row 4: V2 is not a number ('x')" in r.stderr and not (tmp_path/'none.csv').exists()
 
 
+@pytest.mark.slow
 def test_dask_engine_starts_its_own_cluster_and_reads_s3_parquet(cli, s3_uri, add_champion, inputs, tmp_path):
     "`--engine dask` without an address starts a local cluster; its workers read s3:// Parquet from the moto server."
     from fraud_mlops.registry import open_store
@@ -162,6 +164,8 @@ def test_dask_engine_starts_its_own_cluster_and_reads_s3_parquet(cli, s3_uri, ad
     same_output(tmp_path/'dask.parquet', tmp_path/'local.parquet')
 
 
+@pytest.mark.slow
+@pytest.mark.network
 def test_full_data_on_two_workers_equals_in_process(cluster, fetched, store, add_champion, tmp_path):
     "All 284,807 real rows, from Parquet in 12 row groups and from the CSV itself: the Dask engine's files are the local engine's."
     import pyarrow.csv as pcsv

@@ -1,22 +1,19 @@
 "The training job run the way users run it: papermill on nbs/03_train.ipynb, and the `fraud-mlops train` command."
-import json, subprocess, sys
-from pathlib import Path
+import json
 
 import numpy as np
+import pytest
 
 from fraud_mlops.data import CI_SUBSET, file_sha256, resolve_path, FEATURES
-from fraud_mlops.registry import list_versions, load_evaluation, load_manifest, load_model, sha256_hex
+from fraud_mlops.registry import list_versions, load_manifest, sha256_hex
 from fraud_mlops.train import train_candidate
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
-
-def test_papermill_run_writes_a_complete_candidate(tmp_path):
+@pytest.mark.slow
+def test_papermill_run_writes_a_complete_candidate(papermill_train, tmp_path):
     store = tmp_path/'s'
     out = tmp_path/'out.ipynb'
-    subprocess.run([BIN/'papermill', ROOT/'nbs'/'03_train.ipynb', out, '-p', 'data_path', resolve_path(CI_SUBSET),
-                    '-p', 'store', store, '-p', 'n_estimators', '30'], check=True, capture_output=True, cwd=tmp_path)
+    papermill_train(out, store, n_estimators=30)
     from fraud_mlops.registry import open_store
     s = open_store(store)
     version, = list_versions(s)
@@ -53,25 +50,24 @@ def test_papermill_run_writes_a_complete_candidate(tmp_path):
     assert f'candidate {version} written to' in outputs
 
 
-def test_bad_data_fails_the_job_clearly_and_writes_nothing(tmp_path):
+def test_bad_data_fails_the_job_clearly_and_writes_nothing(cli, tmp_path):
     bad = tmp_path/'bad.csv'
     lines = resolve_path(CI_SUBSET).read_text().splitlines()[:200]
     fields = lines[50].split(','); fields[3] = 'oops'; lines[50] = ','.join(fields)   # V3 on line 51 of the file
     bad.write_text('\n'.join(lines) + '\n')
     store = tmp_path/'s'
-    r = subprocess.run([BIN/'fraud-mlops', 'train', '--data', bad, '--store', store, '--output', tmp_path/'o.ipynb'],
-                       capture_output=True, text=True)
+    r = cli('train', '--data', bad, '--store', store, '--output', tmp_path/'o.ipynb')
     assert r.returncode == 2
     assert 'training failed: DataError' in r.stderr and 'column V3 is not numeric (line 51' in r.stderr
     assert not (store/'versions').exists() and not (tmp_path/'o.json').exists()
 
 
-def test_fraud_mlops_train_reads_the_jobs_result_file_not_its_printout(tmp_path):
+@pytest.mark.slow
+def test_fraud_mlops_train_reads_the_jobs_result_file_not_its_printout(cli, tmp_path):
     "The command learns the version from the JSON result the job writes beside its report, and says where both are."
     store, out = tmp_path/'s', tmp_path/'runs'/'o.ipynb'
-    r = subprocess.run([BIN/'fraud-mlops', 'train', '--data', resolve_path(CI_SUBSET), '--store', store, '--output', out,
-                        '-p', 'n_estimators', '20', '-p', 'compare_with', '', '-p', 'random_split_report', 'False', '-p', 'n_boot', '100',
-                        '-p', 'folds', '2'], capture_output=True, text=True)
+    r = cli('train', '--data', resolve_path(CI_SUBSET), '--store', store, '--output', out, '-p', 'n_estimators', '20',
+            '-p', 'compare_with', '', '-p', 'random_split_report', 'False', '-p', 'n_boot', '100', '-p', 'folds', '2')
     assert r.returncode == 0, r.stderr
     from fraud_mlops.registry import open_store
     version, = list_versions(open_store(store))

@@ -31,6 +31,7 @@ def image_app(tmp_path):
     return app
 
 
+@pytest.mark.slow
 def test_the_job_trains_on_the_default_data_then_promotes(run_job, tmp_path):
     store = tmp_path/'registry'
     r = run_job(image_app(tmp_path), store, '--no-notify')
