@@ -162,6 +162,19 @@ def _child(nodes, i, v):
 
 _child = _compile(_child)
 
+def _walk(nodes, node, walking, spare, m, v, width):
+    "Walk paths `walking[:m]` side by side down to their leaves: path p is at `node[p]` and reads its values at `v[p * width:]`."
+    while m > 0:
+        k = 0
+        for j in range(m):
+            p = walking[j]
+            i = _child(nodes, node[p], v[p * width + nodes[node[p]].feature])
+            node[p] = i
+            spare[k] = p; k += 1 - np.int64(nodes[i].leaf)      # kept while it still walks, without a branch
+        walking, spare, m = spare, walking, k
+
+_walk = _compile(_walk)
+
 def _forest_one(x, roots, nodes):
     "P(class 1) of one float64 feature row `x`: every tree walked side by side, the leaves added in tree order from 0.0, then the mean."
     trees = roots.shape[0]
@@ -170,14 +183,7 @@ def _forest_one(x, roots, nodes):
     node, walking, spare = roots.copy(), np.empty(trees, np.uint64), np.empty(trees, np.uint64)
     m = 0
     for t in range(trees): walking[m] = t; m += 1 - np.int64(nodes[roots[t]].leaf)
-    while m > 0:
-        k = 0
-        for j in range(m):
-            t = walking[j]
-            i = _child(nodes, node[t], v[nodes[node[t]].feature])
-            node[t] = i
-            spare[k] = t; k += 1 - np.int64(nodes[i].leaf)      # kept while it still walks, without a branch
-        walking, spare, m = spare, walking, k
+    _walk(nodes, node, walking, spare, m, v, np.uint64(0))     # every tree reads the same row
     p = 0.0
     for t in range(trees): p += nodes[node[t]].value
     return p / trees
@@ -204,15 +210,7 @@ def _forest_rows(F, roots, nodes, out):
                 for r in range(rows): total[r] += nodes[root].value
                 continue
             for r in range(rows): node[r] = root; walking[r] = r
-            m = rows
-            while m > 0:
-                k = 0
-                for j in range(m):
-                    r = walking[j]
-                    i = _child(nodes, node[r], v[r * width + nodes[node[r]].feature])
-                    node[r] = i
-                    spare[k] = r; k += 1 - np.int64(nodes[i].leaf)
-                walking, spare, m = spare, walking, k
+            _walk(nodes, node, walking, spare, rows, v, width)     # row r reads its values at v[r * width:]
             for r in range(rows): total[r] += nodes[node[r]].value
         for r in range(rows): out[start + r] = total[r] / trees
 
