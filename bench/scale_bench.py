@@ -62,11 +62,11 @@ def model_store(tmp, data, kind='lgbm'):
     "A store whose champion is pipeline `kind` (the default LightGBM model) fitted on `data`."
     from fraud_mlops.data import load_transactions
     from fraud_mlops.modelling import features_and_labels, fit_model, make_model
-    from fraud_mlops.registry import open_store, save_version, set_champion
+    from fraud_mlops.registry import open_store, read_champion, save_version, set_champion
     X, y = features_and_labels(load_transactions(data))
     store = open_store(tmp/'registry', create=True)
     v = save_version(store, fit_model(make_model(kind), X, y, 0.25), {'threshold': 0.5}, X[:100], y[:100])['version']
-    set_champion(store, v, None)
+    set_champion(store, v, read_champion(store)[1])   # a kept BENCH_DIR may have a champion already
     return store.uri, X
 
 
