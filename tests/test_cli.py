@@ -39,6 +39,7 @@ def test_notify_failure_is_reported_and_the_promotion_stands(cli, store, add_can
     assert json.loads((store.root/'champion.json').read_text())['version'] == v
 
 
+@pytest.mark.slow
 def test_history_floor_and_pruning_from_the_command_line(cli, store, add_candidate):
     weak = add_candidate(store, n_estimators=3, max_depth=1)
     r = cli('promote', '--store', store.root, '--min-f1', '0.999', '--no-notify', '--prune-rejected')

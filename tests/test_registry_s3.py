@@ -182,8 +182,9 @@ def test_a_silent_endpoint_times_out_after_the_configured_attempts(aws_env):
         for c in held: c.close()
 
 
-# ---------------------------------------------------------------- integration: a moto server over HTTP
+# ---------------------------------------------------------------- integration: a moto server over HTTP (its command-line flows are slow)
 
+@pytest.mark.slow
 def test_promote_and_rollback_through_the_cli_with_pruning(cli, s3_uri, parts, weak, good):
     store = open_store(s3_uri, create=True)
     a = bundle(store, weak, parts)
@@ -206,19 +207,21 @@ def test_promote_and_rollback_through_the_cli_with_pruning(cli, s3_uri, parts, w
     assert all(d['by'] and d['time'] for d in hist)
 
 
+@pytest.mark.slow
 def test_bad_cases_on_the_command_line_over_http(cli, free_port, s3_uri, parts, good):
+    "Each is the store's (or its infrastructure's) failure: exit 4 with one line naming it."
     r = cli('models', '--store', 's3://missing-bucket/registry')
-    assert r.returncode == 2 and 'bucket missing-bucket does not exist' in r.stderr and 'Traceback' not in r.stderr
+    assert r.returncode == 4 and 'bucket missing-bucket does not exist' in r.stderr and 'Traceback' not in r.stderr
     store = open_store(s3_uri, create=True); v = bundle(store, good, parts)
     r = cli('models', '--store', s3_uri + 'x')
-    assert r.returncode == 2 and 'nothing is stored under it' in r.stderr
+    assert r.returncode == 4 and 'nothing is stored under it' in r.stderr
     r = cli('rollback', '--store', s3_uri, '--to', v)
-    assert r.returncode == 2 and 'has no champion to roll back' in r.stderr
+    assert r.returncode == 4 and 'has no champion to roll back' in r.stderr
     r = cli('models', '--store', s3_uri, env={'AWS_ACCESS_KEY_ID': None, 'AWS_SECRET_ACCESS_KEY': None,
                                               'AWS_SHARED_CREDENTIALS_FILE': '/nonexistent', 'AWS_CONFIG_FILE': '/nonexistent'})
-    assert r.returncode == 2 and 'no AWS credentials' in r.stderr
+    assert r.returncode == 4 and 'no AWS credentials' in r.stderr
     r = cli('models', '--store', s3_uri, env={'AWS_ENDPOINT_URL': f'http://127.0.0.1:{free_port()}'})
-    assert r.returncode == 2 and 'cannot reach S3' in r.stderr
+    assert r.returncode == 4 and 'cannot reach S3' in r.stderr
     store.put(f'versions/{v}/model.joblib', store.get(f'versions/{v}/model.joblib')[:100])
     r = cli('promote', '--store', s3_uri, '--no-notify')
     assert r.returncode == 4 and "does not match its manifest's SHA-256" in r.stderr
@@ -244,6 +247,7 @@ main(sys.argv[1:])
 '''
 
 
+@pytest.mark.slow
 def test_two_concurrent_promoters_exactly_one_wins_and_the_other_changes_nothing(cli, s3_uri, parts, weak, good, tmp_path):
     store = open_store(s3_uri, create=True)
     champ = bundle(store, weak, parts); promote(store, notify=False)
@@ -270,6 +274,7 @@ def test_two_concurrent_promoters_exactly_one_wins_and_the_other_changes_nothing
     assert r.returncode == 0 and r.stdout.split(':')[0] in ('promoted', 'rejected')
 
 
+@pytest.mark.slow
 def test_tampered_bundles_are_refused_by_promotion_and_by_the_api(cli, example_request, s3_uri, parts, weak, good, monkeypatch):
     from fastapi.testclient import TestClient
     from fraud_mlops.serving import app

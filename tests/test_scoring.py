@@ -89,6 +89,7 @@ def test_bad_files_and_a_missing_model_are_clear_errors(cli, store, add_champion
     assert not (tmp_path/'o.csv').exists() and not [p for p in tmp_path.iterdir() if p.name.startswith('.')]
 
 
+@pytest.mark.slow
 def test_s3_input_and_output_through_a_moto_server(cli, s3_uri, add_champion, inputs, tmp_path):
     "s3:// in and out (and the store on S3 too): the same answers as local files; a failed job uploads nothing."
     from fraud_mlops.registry import open_store

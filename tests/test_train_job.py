@@ -76,6 +76,7 @@ def test_fraud_mlops_train_reads_the_jobs_result_file_not_its_printout(cli, tmp_
     assert r.stdout.splitlines()[-1].startswith(f'candidate {version} (report: {out})')   # its last line
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(ci_df):
     a = train_candidate(ci_df, n_estimators=20, n_jobs=2)
     b = train_candidate(ci_df, n_estimators=20, n_jobs=2)
@@ -103,6 +104,7 @@ def test_rolling_threshold_is_chosen_on_out_of_fold_predictions_of_all_rows(ci_d
     assert all(n < len(ci_df) for n in seen[:-1])                  # the folds chose on their own training rows only
 
 
+@pytest.mark.slow
 def test_threshold_policies_shape_the_alerts(ci_df):
     quick = dict(n_estimators=30, n_boot=0, folds=2, cv_folds=3, compare_rules=False)
     f1 = train_candidate(ci_df, **quick)
