@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 
+@pytest.mark.slow
 def test_promote_models_rollback_round_trip(cli, store, add_candidate):
     a = add_candidate(store, n_estimators=3, max_depth=1)
     b = add_candidate(store, n_estimators=30)

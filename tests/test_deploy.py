@@ -129,6 +129,7 @@ def test_deploy_prints_the_new_revision_and_the_service_runs_it(ecs_service, dep
     assert {'name': 'FRAUD_MLOPS_POLL_SECONDS', 'value': '30'} in api['environment']
 
 
+@pytest.mark.slow
 def test_deploy_errors_name_the_problem_and_register_nothing(ecs_service, deploy_cli, tmp_path):
     ecs = boto3.client('ecs')
     before = ecs.list_task_definitions()['taskDefinitionArns']

@@ -68,6 +68,7 @@ def test_bad_rows_are_skipped_and_listed_or_fail_the_job_with_nothing_written(cl
     assert sorted(p.name for p in tmp_path.iterdir()) == ['bad.csv', 'out.parquet', 'out.parquet.bad_rows.csv', 'registry']   # no fail.csv, no temp file
 
 
+@pytest.mark.slow
 def test_bad_files_and_a_missing_model_are_clear_errors(cli, store, add_champion, inputs, tmp_path):
     "Each refusal exits with one line saying what is wrong (2 for the input, 4 for the store), and leaves no output behind."
     _, d = inputs

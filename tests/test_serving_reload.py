@@ -139,6 +139,7 @@ def test_reload_under_load_two_workers(server, save_as_champion, store, models, 
     assert len(pids[v1]) == len(pids[v2]) == 2, pids  # both workers served the old version, then the new one
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('tamper', ['model bytes', 'signed manifest'])
 def test_tampered_bundle_refused_while_serving(server, save_as_champion, store, models, data, rows, tamper, monkeypatch):
     if tamper == 'signed manifest': monkeypatch.setenv('FRAUD_MLOPS_SIGNING_KEY', 'k' * 32)
