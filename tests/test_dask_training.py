@@ -50,20 +50,24 @@ def test_the_dask_candidate_is_promoted_like_any_other(dask_run, cli):
     assert r.returncode == 0 and r.stdout.startswith(f'promoted: {list_versions(store)[0]}'), r.stderr
 
 
-def test_partitions_on_s3_through_a_moto_server(s3_uri, ci_df):
-    "With an s3:// partitions prefix the rows to fit are written to S3 and the workers read them from there."
+def test_partitions_on_s3_through_a_moto_server(s3_uri, ci_df, monkeypatch):
+    "With an s3:// partitions prefix the rows to fit are written to S3, the workers read them from there, and the fit removes them."
     from distributed import Client, LocalCluster
+    import fraud_mlops.train as train
     from fraud_mlops.modelling import features_and_labels, make_model
     from fraud_mlops.registry import parse_s3_uri, s3_client
     from fraud_mlops.scoring import arrow_filesystem
-    from fraud_mlops.train import fit_model_dask
     bucket, _ = parse_s3_uri(s3_uri)
+    parquet = lambda: [o['Key'] for o in s3_client().list_objects_v2(Bucket=bucket, Prefix='partitions/').get('Contents', [])
+                       if o['Key'].endswith('.parquet')]
+    written, remove = [], train.remove_partitions
+    monkeypatch.setattr(train, 'remove_partitions', lambda *a, **k: written.extend(parquet()) or remove(*a, **k))   # what the fit read
     X, y = features_and_labels(ci_df)
     fs, folder = arrow_filesystem(f's3://{bucket}/partitions')
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address='127.0.0.1:0') as c, Client(c) as client:
-        model = fit_model_dask(make_model('lgbm', n_estimators=20), X, y, 0.5, client=client, folder=folder, partition_rows=2_500,
-                               filesystem=fs)
-    keys = [o['Key'] for o in s3_client().list_objects_v2(Bucket=bucket, Prefix='partitions/')['Contents']]
-    assert len(keys) == 4 and all(k.startswith('partitions/fit-') and k.endswith('.parquet') for k in keys), keys
+        model = train.fit_model_dask(make_model('lgbm', n_estimators=20), X, y, 0.5, client=client, folder=folder, partition_rows=2_500,
+                                     filesystem=fs)
+    assert len(written) == 4 and all(k.startswith('partitions/fit-') for k in written), written
+    assert parquet() == []                                  # removed once the fit is done
     p = model.predict_proba(X)[:, 1]
     assert p[y == 1].mean() > 0.5 > p[y == 0].mean()        # it learnt from the rows it read back from S3
