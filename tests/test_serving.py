@@ -39,8 +39,8 @@ def model(data):
 
 
 @pytest.fixture
-def champion(store, monkeypatch, model, data, save_as_champion):
-    "`store` (from conftest) with `model` as champion, named by FRAUD_MLOPS_STORE; returns the version."
+def served_champion(store, monkeypatch, model, data, save_as_champion):
+    "`store` (from conftest) with `model` as champion and the API's environment pointing at it; returns the version."
     v = save_as_champion(store, model, *data)
     monkeypatch.setenv('FRAUD_MLOPS_STORE', store.uri)
     monkeypatch.setenv('FRAUD_MLOPS_ADMIN_TOKEN', TOKEN)
@@ -49,7 +49,7 @@ def champion(store, monkeypatch, model, data, save_as_champion):
 
 
 @pytest.fixture
-def client(champion):
+def client(served_champion):
     with TestClient(app) as c: yield c
 
 
@@ -59,8 +59,8 @@ def post_raw(c, path, text):
 
 # ---------------------------------------------------------------- the happy path
 
-def test_status_and_health(client, store, champion):
-    v = champion
+def test_status_and_health(client, store, served_champion):
+    v = served_champion
     assert client.get('/').json() == {'service': 'fraud-mlops', 'status': 'ready', 'model_version': v,
                                       'store': store.uri, 'reason': None}
     assert client.get('/health/live').status_code == 200
@@ -70,12 +70,12 @@ def test_status_and_health(client, store, champion):
     assert (m['version'], m['threshold']) == (v, 0.5)
 
 
-def test_example_is_legit(client, champion):
+def test_example_is_legit(client, served_champion):
     r = client.post('/predict', json={'features': EXAMPLE_FEATURES})
     assert r.status_code == 200
     body = r.json()
     assert set(body) == {'prediction', 'fraud_probability', 'model_version'}
-    assert (body['prediction'], body['model_version']) == ('legit', champion)
+    assert (body['prediction'], body['model_version']) == ('legit', served_champion)
     assert 0 <= body['fraud_probability'] < 0.5
 
 
@@ -89,11 +89,11 @@ def test_probabilities_are_the_pipelines(client, model, data):
     assert {g['prediction'] for g in got} == {'fraud', 'legit'}  # both verdicts exercised
 
 
-def test_batch_equals_singles(client, data, champion):
+def test_batch_equals_singles(client, data, served_champion):
     X, y = data
     rows = np.r_[np.flatnonzero(y == 1)[:40], np.arange(60)]  # 100 rows: over INLINE_ROWS, so the thread path too
     batch = client.post('/predict/batch', json={'instances': X[rows].tolist()}).json()
-    assert batch['model_version'] == champion
+    assert batch['model_version'] == served_champion
     singles = [client.post('/predict', json={'features': X[i].tolist()}).json() for i in rows]
     assert batch['predictions'] == [{'prediction': s['prediction'], 'fraud_probability': s['fraud_probability']} for s in singles]
     small = client.post('/predict/batch', json={'instances': X[rows[:3]].tolist()}).json()
@@ -119,7 +119,7 @@ def test_served_model_is_single_threaded(client):
     assert client.app.state.worker.served.model.get_params()['randomforestclassifier__n_jobs'] == 1
 
 
-def test_metrics(client, champion):
+def test_metrics(client, served_champion):
     client.post('/predict', json={'features': EXAMPLE_FEATURES})
     client.post('/predict/batch', json={'instances': [EXAMPLE_FEATURES] * 2})
     client.post('/predict', json={'features': [1]})
@@ -132,7 +132,7 @@ def test_metrics(client, champion):
                  'fraud_mlops_request_seconds_count{route="/predict",status="200"} 1.0',
                  'fraud_mlops_predictions_total{prediction="legit"} 3.0', 'fraud_mlops_predictions_total{prediction="fraud"} 0.0',
                  'fraud_mlops_fraud_probability_count 3.0',
-                 f'fraud_mlops_model_info{{runtime="sklearn-pipeline",version="{champion}"}} 1.0',
+                 f'fraud_mlops_model_info{{runtime="sklearn-pipeline",version="{served_champion}"}} 1.0',
                  'fraud_mlops_ready 1.0', 'fraud_mlops_reload_failing 0.0', '# TYPE fraud_mlops_reloads_total counter',
                  '# TYPE fraud_mlops_request_seconds histogram']:
         assert line in lines, line
@@ -211,7 +211,7 @@ def test_batch_nan(client):
     assert (r.status_code, r.json()['detail']) == (422, 'instances[0][29] (Amount) must be a finite number, got NaN')
 
 
-def test_batch_limit(champion, monkeypatch):
+def test_batch_limit(served_champion, monkeypatch):
     monkeypatch.setenv('FRAUD_MLOPS_MAX_BATCH', '3')
     with TestClient(app) as c:
         assert c.post('/predict/batch', json={'instances': [EXAMPLE_FEATURES] * 3}).status_code == 200
@@ -220,7 +220,7 @@ def test_batch_limit(champion, monkeypatch):
         assert r.json()['detail'] == 'batch of 4 rows is over the limit of 3 (FRAUD_MLOPS_MAX_BATCH); split it'
 
 
-def test_bad_batch_limit_setting_stops_start(champion, monkeypatch):
+def test_bad_batch_limit_setting_stops_start(served_champion, monkeypatch):
     monkeypatch.setenv('FRAUD_MLOPS_MAX_BATCH', 'many')
     with pytest.raises(ConfigError, match="FRAUD_MLOPS_MAX_BATCH='many': expected a whole number"):
         with TestClient(app): pass
@@ -248,8 +248,8 @@ def test_no_champion(store, monkeypatch):
     with TestClient(app) as c: assert_not_ready(c, 'has no champion yet')
 
 
-def test_corrupt_champion(store, champion):
-    f = store.root / 'versions' / champion / 'model.joblib'
+def test_corrupt_champion(store, served_champion):
+    f = store.root / 'versions' / served_champion / 'model.joblib'
     f.write_bytes(f.read_bytes()[:-50])
     with TestClient(app) as c: assert_not_ready(c, "does not match its manifest's SHA-256")
 
@@ -274,7 +274,7 @@ def test_reload_after_a_late_champion(store, monkeypatch, model, data, save_as_c
 
 # ---------------------------------------------------------------- reload
 
-def test_reload_disabled_without_token(champion, monkeypatch):
+def test_reload_disabled_without_token(served_champion, monkeypatch):
     monkeypatch.delenv('FRAUD_MLOPS_ADMIN_TOKEN')  # read with the other settings when the worker starts
     with TestClient(app) as c:
         r = c.post('/reload', headers=ADMIN)
@@ -289,15 +289,15 @@ def test_reload_needs_the_token(client, headers):
     assert r.headers['www-authenticate'] == 'Bearer'
 
 
-def test_reload_unchanged(client, champion):
-    v = champion
+def test_reload_unchanged(client, served_champion):
+    v = served_champion
     r = client.post('/reload', headers=ADMIN)
     assert (r.status_code, r.json()) == (200, {'reloaded': False, 'model_version': v, 'previous_version': v})
     assert 'fraud_mlops_reloads_total{result="unchanged"} 1.0' in client.get('/metrics').text.splitlines()
 
 
-def test_reload_picks_up_a_promotion(client, store, champion, model, data, save_as_champion):
-    v1 = champion
+def test_reload_picks_up_a_promotion(client, store, served_champion, model, data, save_as_champion):
+    v1 = served_champion
     v2 = save_as_champion(store, model, *data, threshold=0.0)
     assert client.post('/predict', json={'features': EXAMPLE_FEATURES}).json()['model_version'] == v1  # not until reloaded
     r = client.post('/reload', headers=ADMIN)
@@ -310,8 +310,8 @@ def test_reload_picks_up_a_promotion(client, store, champion, model, data, save_
     assert f'fraud_mlops_model_info{{runtime="sklearn-pipeline",version="{v2}"}} 1.0' in client.get('/metrics').text.splitlines()
 
 
-def test_failed_reload_keeps_serving(client, store, champion, model, data, save_as_champion):
-    v1 = champion
+def test_failed_reload_keeps_serving(client, store, served_champion, model, data, save_as_champion):
+    v1 = served_champion
     v2 = save_as_champion(store, model, *data)
     f = store.root / 'versions' / v2 / 'model.joblib'
     f.write_bytes(b'not a model')
@@ -333,8 +333,8 @@ def test_failed_reload_keeps_serving(client, store, champion, model, data, save_
 
 # ---------------------------------------------------------------- a real server
 
-def test_real_uvicorn_server(store, champion, api_server):
-    v = champion
+def test_real_uvicorn_server(store, served_champion, api_server):
+    v = served_champion
     url = api_server({'FRAUD_MLOPS_STORE': store.uri}).url   # up once /health/ready answers 200
     r = httpx.post(f'{url}/predict', json={'features': EXAMPLE_FEATURES}, timeout=5)
     assert r.status_code == 200 and r.json()['prediction'] == 'legit' and r.json()['model_version'] == v, r.text
@@ -342,7 +342,7 @@ def test_real_uvicorn_server(store, champion, api_server):
 
 # ---------------------------------------------------------------- request path: access log, limits, fast parser
 
-def test_one_json_log_line_per_request(client, champion, monkeypatch):
+def test_one_json_log_line_per_request(client, served_champion, monkeypatch):
     import io
     from fraud_mlops.observability import AccessLog
     out, telemetry = io.BytesIO(), client.app.state.worker.telemetry
@@ -351,7 +351,7 @@ def test_one_json_log_line_per_request(client, champion, monkeypatch):
     r = client.post('/predict', json={'features': [1]})
     client.get('/nowhere')
     lines = [json.loads(l) for l in out.getvalue().splitlines()]
-    assert [(l['route'], l['status'], l['model_version']) for l in lines] == [('/predict', 200, champion), ('/predict', 422, None),
+    assert [(l['route'], l['status'], l['model_version']) for l in lines] == [('/predict', 200, served_champion), ('/predict', 422, None),
                                                                               ('other', 404, None)]
     assert lines[0]['id'] == 'trace-7' and lines[1]['id'] == r.headers['x-request-id'] != 'trace-7'
     assert {'time', 'method', 'ms', 'pid'} <= set(lines[0]) and 'features' not in lines[0]  # no raw features by default
@@ -360,7 +360,7 @@ def test_one_json_log_line_per_request(client, champion, monkeypatch):
     assert json.loads(out.getvalue().splitlines()[-1])['features'] == EXAMPLE_FEATURES
 
 
-def test_body_size_limits(champion, monkeypatch):
+def test_body_size_limits(served_champion, monkeypatch):
     monkeypatch.setenv('FRAUD_MLOPS_MAX_BODY_BYTES', '5000')
     with TestClient(app) as c:
         r = post_raw(c, '/predict/batch', json.dumps({'instances': [EXAMPLE_FEATURES] * 10}))
