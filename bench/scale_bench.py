@@ -62,7 +62,8 @@ def model_store(tmp, data, kind='lgbm'):
     "A store whose champion is pipeline `kind` (the default LightGBM model) fitted on `data`."
     from fraud_mlops.data import load_transactions
     from fraud_mlops.modelling import features_and_labels, fit_model, make_model
-    from fraud_mlops.registry import open_store, read_champion, save_version, set_champion
+    from fraud_mlops.registry import read_champion, save_version, set_champion
+    from fraud_mlops.store import open_store
     X, y = features_and_labels(load_transactions(data))
     store = open_store(tmp/'registry', create=True)
     v = save_version(store, fit_model(make_model(kind), X, y, 0.25), {'threshold': 0.5}, X[:100], y[:100])['version']
@@ -83,7 +84,8 @@ def replicate(data, copies, path):
 
 def startup(base, data, store):
     "Median rows/s of `fraud-mlops score` of the full data, a fresh process a run, and of the plain script, alternating; printed."
-    from fraud_mlops.registry import load_champion, open_store
+    from fraud_mlops.registry import load_champion
+    from fraud_mlops.store import open_store
     src, rows = base/'x1.parquet', replicate(data, 1, base/'x1.parquet')
     model, manifest = load_champion(open_store(store))
     plain_model = base/'model.joblib'

@@ -20,7 +20,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from fraud_mlops.data import CI_SUBSET, FEATURES, TARGET, load_transactions, resolve_path  # noqa: E402
-from fraud_mlops.registry import StoreError, open_store, read_champion, save_version, set_champion  # noqa: E402
+from fraud_mlops.registry import read_champion, save_version, set_champion
+from fraud_mlops.store import StoreError, open_store  # noqa: E402
 from common import start_uvicorn, stop  # noqa: E402  (bench/common.py, beside this script)
 
 

@@ -13,8 +13,9 @@ import numpy as np
 from .evaluation import classification_metrics
 from .config import settings
 from .modelling import fraud_probability, is_fraud
-from .registry import (StoreError, decided_versions, delete_version, list_versions, load_evidence,
-                                  load_model, read_champion, record_decision, set_champion, version_statuses)
+from .registry import (decided_versions, delete_version, list_versions, load_evidence, load_model, read_champion,
+                                  record_decision, set_champion, version_statuses)
+from .store import StoreError
 
 # %% ../nbs/04_promotion.ipynb #6b979122
 def _undecided(store, pointer):

@@ -30,7 +30,8 @@ from starlette.routing import Match
 from . import __version__
 from .config import settings
 from .modelling import VERDICTS, is_fraud
-from .registry import IntegrityError, NoChampion, StoreError, load_champion, open_store, read_champion, utcnow
+from .registry import load_champion, read_champion
+from .store import IntegrityError, NoChampion, StoreError, open_store, utcnow
 from .runtime import ServedModel, ServingError, prepare_model
 from .api import Batch, BatchPrediction, BadRequest, Error, Prediction, Ready, Reloaded, Status, Transaction
 from .api import batch_json, explain_errors, header, parse_rows, read_body

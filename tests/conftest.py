@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from fraud_mlops.data import CI_SUBSET, load_transactions, resolve_path
-from fraud_mlops.registry import open_store, read_champion, save_version, set_champion
+from fraud_mlops.registry import read_champion, save_version, set_champion
+from fraud_mlops.store import open_store
 from fraud_mlops.train import build_manifest, train_candidate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,7 +205,7 @@ def moto_server():
 def s3_uri(moto_server, aws_env):
     "The environment pointing at the moto server (`aws_env`) and a fresh bucket there; returns s3://bucket/registry."
     import uuid
-    from fraud_mlops.registry import s3_client
+    from fraud_mlops.store import s3_client
     aws_env(moto_server)
     bucket = f'fraud-{uuid.uuid4().hex[:12]}'
     s3_client().create_bucket(Bucket=bucket)
@@ -215,7 +216,7 @@ def s3_uri(moto_server, aws_env):
 def mock_s3_uri(aws_env):
     "A bucket in moto's in-process mock (`mock_aws`, no network); returns s3://fraud-models/registry."
     from moto import mock_aws
-    from fraud_mlops.registry import s3_client
+    from fraud_mlops.store import s3_client
     aws_env()
     with mock_aws():
         s3_client().create_bucket(Bucket='fraud-models')

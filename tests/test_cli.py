@@ -65,9 +65,9 @@ def test_bad_input_is_2_and_a_bad_setting_names_its_variable(cli, tmp_path):
 
 FAILING_JOB = {'DataError': ('from fraud_mlops.data import DataError; raise DataError("x.csv: no rows")', 2,
                              'error: training failed: DataError: x.csv: no rows (see {out})'),
-               'ConflictError': ('from fraud_mlops.registry import ConflictError; raise ConflictError("champion moved")', 3,
+               'ConflictError': ('from fraud_mlops.store import ConflictError; raise ConflictError("champion moved")', 3,
                                  'error: training failed: ConflictError: champion moved (see {out})'),
-               'IntegrityError': ('from fraud_mlops.registry import IntegrityError; raise IntegrityError("manifest corrupt")', 4,
+               'IntegrityError': ('from fraud_mlops.store import IntegrityError; raise IntegrityError("manifest corrupt")', 4,
                                   'error: training failed: IntegrityError: manifest corrupt (see {out})'),
                'KeyError': ('{}["fold"]', 1, "error: training job failed: KeyError: 'fold'; the executed notebook is {out}")}
 

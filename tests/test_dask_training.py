@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from fraud_mlops.registry import list_versions, load_evaluation, load_manifest, load_model, open_store
+from fraud_mlops.registry import list_versions, load_evaluation, load_manifest, load_model
+from fraud_mlops.store import open_store
 
 pytestmark = pytest.mark.slow   # a training job and LocalClusters of worker processes
 
@@ -55,7 +56,7 @@ def test_partitions_on_s3_through_a_moto_server(s3_uri, ci_df, monkeypatch):
     from distributed import Client, LocalCluster
     import fraud_mlops.train as train
     from fraud_mlops.modelling import features_and_labels, make_model
-    from fraud_mlops.registry import parse_s3_uri, s3_client
+    from fraud_mlops.store import parse_s3_uri, s3_client
     from fraud_mlops.scoring import arrow_filesystem
     bucket, _ = parse_s3_uri(s3_uri)
     parquet = lambda: [o['Key'] for o in s3_client().list_objects_v2(Bucket=bucket, Prefix='partitions/').get('Contents', [])

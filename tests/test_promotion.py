@@ -4,8 +4,8 @@ import multiprocessing as mp
 import pytest
 
 from fraud_mlops.promotion import promote, rollback
-from fraud_mlops.registry import (ConflictError, StoreError, list_decisions, load_champion, model_statuses,
-                                  open_store, read_champion)
+from fraud_mlops.registry import list_decisions, load_champion, model_statuses, read_champion
+from fraud_mlops.store import ConflictError, StoreError, open_store
 
 
 def test_first_candidate_becomes_champion_and_is_served_by_load_champion(store, add_candidate):

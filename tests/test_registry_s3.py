@@ -13,9 +13,9 @@ from sklearn.preprocessing import StandardScaler
 from fraud_mlops.data import time_split
 from fraud_mlops.modelling import features_and_labels
 from fraud_mlops.promotion import promote, rollback
-from fraud_mlops.registry import (IntegrityError, S3Store, StoreError, decided_versions, list_decisions,
-                                  list_versions, load_champion, load_manifest, model_statuses, open_store, read_champion,
-                                  request_log, save_version, sha256_hex)
+from fraud_mlops.registry import (decided_versions, list_decisions, list_versions, load_champion, load_manifest, model_statuses,
+                                  read_champion, save_version)
+from fraud_mlops.store import IntegrityError, S3Store, StoreError, open_store, request_log, sha256_hex
 
 TOKEN = 'test-admin-token'
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fraud_mlops.data import FEATURES
-from fraud_mlops.registry import s3_client
+from fraud_mlops.store import s3_client
 from fraud_mlops.scoring import OUTPUT_COLUMNS, score_file, sidecar
 
 
@@ -93,7 +93,7 @@ def test_bad_files_and_a_missing_model_are_clear_errors(cli, store, add_champion
 @pytest.mark.slow
 def test_s3_input_and_output_through_a_moto_server(cli, s3_uri, add_champion, inputs, tmp_path):
     "s3:// in and out (and the store on S3 too): the same answers as local files; a failed job uploads nothing."
-    from fraud_mlops.registry import open_store
+    from fraud_mlops.store import open_store
     store = open_store(s3_uri, create=True)
     v = add_champion(store)
     df, d = inputs
@@ -155,7 +155,7 @@ def test_dask_engine_gives_the_local_engines_output(cli, cluster, champion, stor
 @pytest.mark.slow
 def test_dask_engine_starts_its_own_cluster_and_reads_s3_parquet(cli, s3_uri, add_champion, inputs, tmp_path):
     "`--engine dask` without an address starts a local cluster; its workers read s3:// Parquet from the moto server."
-    from fraud_mlops.registry import open_store
+    from fraud_mlops.store import open_store
     store = open_store(s3_uri, create=True)
     v = add_champion(store)
     df, d = inputs

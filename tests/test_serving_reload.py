@@ -10,7 +10,8 @@ import pytest
 
 from fraud_mlops.data import FEATURES, TARGET
 from fraud_mlops.modelling import make_model
-from fraud_mlops.registry import open_store, read_champion, save_version, set_champion
+from fraud_mlops.registry import read_champion, save_version, set_champion
+from fraud_mlops.store import open_store
 from fraud_mlops.runtime import EXAMPLE_FEATURES, TOLERANCE, fast_predictor
 
 TOKEN = 'reload-test-token'
@@ -196,7 +197,7 @@ def test_s3_store_unreachable_at_startup_then_up(server, save_as_champion, aws_e
         s3 = moto_server.ThreadedMotoServer(ip_address='127.0.0.1', port=port, verbose=False)
         s3.start()
         try:
-            from fraud_mlops.registry import s3_client
+            from fraud_mlops.store import s3_client
             s3_client().create_bucket(Bucket='fraud-later')
             v = save_as_champion(open_store(uri, create=True), models[0], *data)
             wait_for(lambda: httpx.get(f'{url}/health/ready').status_code == 200, 30, 'not ready after S3 came up')

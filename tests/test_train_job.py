@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from fraud_mlops.data import CI_SUBSET, file_sha256, resolve_path, FEATURES
-from fraud_mlops.registry import list_versions, load_manifest, sha256_hex
+from fraud_mlops.registry import list_versions, load_manifest
+from fraud_mlops.store import sha256_hex
 from fraud_mlops.train import train_candidate
 
 
@@ -14,7 +15,7 @@ def test_papermill_run_writes_a_complete_candidate(papermill_train, tmp_path):
     store = tmp_path/'s'
     out = tmp_path/'out.ipynb'
     papermill_train(out, store, n_estimators=30)
-    from fraud_mlops.registry import open_store
+    from fraud_mlops.store import open_store
     s = open_store(store)
     version, = list_versions(s)
     m = load_manifest(s, version)
@@ -69,7 +70,7 @@ def test_fraud_mlops_train_reads_the_jobs_result_file_not_its_printout(cli, tmp_
     r = cli('train', '--data', resolve_path(CI_SUBSET), '--store', store, '--output', out, '-p', 'n_estimators', '20',
             '-p', 'compare_with', '', '-p', 'random_split_report', 'False', '-p', 'n_boot', '100', '-p', 'folds', '2')
     assert r.returncode == 0, r.stderr
-    from fraud_mlops.registry import open_store
+    from fraud_mlops.store import open_store
     version, = list_versions(open_store(store))
     result = json.loads(out.with_suffix('.json').read_text())
     assert result == {'version': version, 'store': str(store), 'manifest': f'versions/{version}/manifest.json'}
