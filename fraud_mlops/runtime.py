@@ -69,9 +69,15 @@ def _free_config(lib, handle, booster):
 
 PARALLEL_ROWS = 2_000  # batches of at least this many rows are scored on the batch threads (FRAUD_MLOPS_BATCH_THREADS)
 
-def _gather(width):
-    "Positions in [raw row (`width` columns), derived columns] of each model column, as `FEATURE_SOURCES` lays them out."
-    return np.where(FEATURE_SOURCES >= 0, FEATURE_SOURCES, width + ~FEATURE_SOURCES)
+def _layout(sources):
+    "([(model columns, raw columns)] slices of each run of consecutive raw columns, model column of each derived column) of layout `sources`."
+    runs, j = [], 0
+    while j < len(sources):
+        k = j
+        while sources[j] >= 0 and k + 1 < len(sources) and sources[k + 1] == sources[k] + 1: k += 1
+        if sources[j] >= 0: runs.append((slice(j, k + 1), slice(int(sources[j]), int(sources[k]) + 1)))
+        j = k + 1
+    return runs, tuple(int(np.flatnonzero(sources == ~d)[0]) for d in range(int((sources < 0).sum())))
 
 class _Runtime:
     "What the fast runtimes share: a single row goes through `one`, more through `batch`, on `threads` threads from `PARALLEL_ROWS` rows on."
@@ -79,6 +85,14 @@ class _Runtime:
         "P(fraud) of float64 rows (n, 30): a single row alone, a batch on `self.threads` threads from `PARALLEL_ROWS` rows on, else one."
         if len(rows) == 1: return np.array([self.one(rows[0])])
         return self.batch(rows, self.threads if len(rows) >= PARALLEL_ROWS else 1)
+
+# %% ../nbs/05b_runtime.ipynb #bae7aead
+_TIME, _AMOUNT = FEATURES.index('Time'), FEATURES.index('Amount')
+
+def _derived_row(x):
+    "`modelling.derived_features` of one raw row `x` (float64, 30 columns): the same operations in the same order, on numpy scalars."
+    angle = 2 * np.pi * (x[_TIME] % DAY) / DAY
+    return np.log1p(np.maximum(x[_AMOUNT], 0)), np.sin(angle), np.cos(angle)
 
 # %% ../nbs/05b_runtime.ipynb #6fb7b7db
 class BoosterRuntime(_Runtime):
@@ -96,7 +110,7 @@ class BoosterRuntime(_Runtime):
             ctypes.c_int(1), ctypes.c_int32(self.booster.num_feature()), _c_str('num_threads=1'), ctypes.byref(self.config)))
         weakref.finalize(self, _free_config, _LIB, self.config.value, self.booster)  # the booster outlives its config
         self.row, self.out, self.n = np.empty(self.booster.num_feature()), np.zeros(1), ctypes.c_int64(0)
-        self.raw, self.gather = np.empty(len(FEATURES) + 3), _gather(len(FEATURES))
+        self.runs, self.derived_at = _layout(FEATURE_SOURCES)
         self._row_p = self.row.ctypes.data_as(ctypes.c_void_p)
         self._out_p = self.out.ctypes.data_as(ctypes.POINTER(ctypes.c_double))
         try: self.quick = QuickScorer(forest_tables(self.booster, self.iterations), FEATURE_SOURCES, derived_features)
@@ -107,8 +121,10 @@ class BoosterRuntime(_Runtime):
 
     def one(self, x):
         "P(fraud) of one raw row `x` (30 floats), leaving its features in `self.row`; not thread-safe: the serving loop's single rows only."
-        self.raw[:len(x)] = x; self.raw[len(x):] = derived_features(x[None])[0]   # FraudFeatures of one row: its raw and computed
-        np.take(self.raw, self.gather, out=self.row)                                # columns, in the model's order
+        r = self.row                                     # FraudFeatures of one row: its raw and derived columns, in the model's order
+        for model, raw in self.runs: r[model] = x[raw]
+        a, b, c = self.derived_at
+        r[a], r[b], r[c] = _derived_row(x)
         self._call(self._lib.LGBM_BoosterPredictForMatSingleRowFast(self.config, self._row_p, self._ct.byref(self.n), self._out_p))
         return float(self.out[0])
 
