@@ -13,7 +13,8 @@ from pathlib import Path
 from .config import ConfigError, settings
 from .data import FULL_DATA, DataError, fetch_dataset, project_root, resolve_path
 from .deploy import DeployError, deploy_arguments, run_deploy
-from .registry import ConflictError, StoreError, list_decisions, model_statuses, open_store, store_uri
+from .registry import list_decisions, model_statuses
+from .store import ConflictError, StoreError, open_store, store_uri
 
 # %% ../nbs/09_cli.ipynb #b61261f5
 def train_notebook():

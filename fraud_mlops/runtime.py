@@ -17,7 +17,7 @@ from .config import settings
 from .data import DAY, FEATURES
 from .modelling import FEATURE_SOURCES, AverageEnsemble, FraudFeatures, derived_features
 from .quickscorer import QuickScorer, Unsupported, _compile, forest_tables, in_slices
-from .registry import StoreError, utcnow
+from .store import StoreError, utcnow
 
 # %% ../nbs/05b_runtime.ipynb #3a7e292f
 def example_models(kinds=('forest', 'lgbm', 'lgbm_rf')):

@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 from .cluster import arrow_filesystem, close_dask, dask_client, in_order, is_s3, open_parquet  # arrow_filesystem: for 03_train until it imports cluster
 from .config import count, settings
 from .data import FEATURES, DataError, check_columns
-from .registry import Missing, S3Store, load_champion, load_model, open_store, parse_s3_uri
+from .registry import load_champion, load_model
+from .store import Missing, S3Store, open_store, parse_s3_uri
 
 # %% ../nbs/07_scoring.ipynb #787ae8cf
 ID_COLUMN = 'id'          # kept in the output when the input has it
