@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from .cluster import arrow_filesystem, close_dask, dask_client, in_order, is_s3, open_parquet  # arrow_filesystem: for 03_train until it imports cluster
+from .cluster import arrow_filesystem, close_dask, dask_client, in_order, is_s3, open_parquet  # arrow_filesystem: tests/test_dask_training.py imports it from here
 from .config import count, settings
 from .data import FEATURES, DataError, check_columns
 from .registry import load_champion, load_model
