@@ -18,7 +18,7 @@ from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, Validati
 from starlette.requests import ClientDisconnect
 
 from .data import FEATURES
-from .modelling import VERDICTS
+from .features import VERDICTS
 from .runtime import EXAMPLE_FEATURES
 
 # %% ../nbs/06a_api.ipynb #af1ca283

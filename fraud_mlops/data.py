@@ -9,7 +9,7 @@ __all__ = ['FEATURES', 'TARGET', 'DAY', 'COLUMNS', 'CI_SUBSET', 'FULL_DATA', 'DA
            'extract_member', 'fetch_dataset', 'make_ci_subset', 'time_split', 'describe_split', 'random_split']
 
 # %% ../nbs/01_data.ipynb #8c7c991e
-import hashlib, os, shutil, subprocess, sys, tempfile, zipfile
+import hashlib, os, subprocess, sys, tempfile, zipfile
 from pathlib import Path
 
 import numpy as np

@@ -13,7 +13,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from .data import DAY
-from .modelling import VERDICTS, is_fraud
+from .features import VERDICTS, is_fraud
 
 # %% ../nbs/02b_evaluation.ipynb #72f12923
 def _check(y, p):

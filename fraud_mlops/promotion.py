@@ -12,7 +12,8 @@ import numpy as np
 
 from .evaluation import classification_metrics
 from .config import settings
-from .modelling import fraud_probability, is_fraud
+from .features import is_fraud
+from .modelling import fraud_probability
 from .registry import (decided_versions, delete_version, list_versions, load_evidence, load_model, read_champion,
                                   record_decision, set_champion, version_statuses)
 from .store import StoreError

@@ -17,7 +17,7 @@ import joblib
 import numpy as np
 
 from .config import settings
-from .store import *  # noqa: F403 (the store's names are the registry's vocabulary)
+from .store import IntegrityError, Missing, NoChampion, StoreError, sha256_hex, utcnow, who
 
 # %% ../nbs/02c_registry.ipynb #60a27edd
 SIGNING_KEY_VAR = 'FRAUD_MLOPS_SIGNING_KEY'

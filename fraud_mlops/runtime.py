@@ -15,7 +15,8 @@ import numpy as np
 
 from .config import settings
 from .data import DAY, FEATURES
-from .modelling import FEATURE_SOURCES, AverageEnsemble, FraudFeatures, derived_features
+from .features import FEATURE_SOURCES, derived_features
+from .modelling import AverageEnsemble, FraudFeatures
 from .quickscorer import QuickScorer, Unsupported, _compile, forest_tables, in_slices
 from .store import StoreError, utcnow
 

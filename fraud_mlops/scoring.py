@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from .cluster import arrow_filesystem, close_dask, dask_client, in_order, is_s3, open_parquet  # arrow_filesystem: tests/test_dask_training.py imports it from here
+from .cluster import close_dask, dask_client, in_order, is_s3, open_parquet
 from .config import count, settings
 from .data import FEATURES, DataError, check_columns
 from .registry import load_champion, load_model
@@ -189,7 +189,7 @@ def chunk_features(table, id_column=ID_COLUMN):
 # %% ../nbs/07_scoring.ipynb #eef94610
 def score_good_rows(served, X, bad):
     "(P(fraud), fraud verdicts) of the rows of `X` that are not `bad`: the API's runtime and its decision rule (`modelling.is_fraud`)."
-    from fraud_mlops.modelling import is_fraud
+    from fraud_mlops.features import is_fraud
     good = ~bad
     p = served.predict(X[good] if bad.any() else X) if good.any() else np.empty(0)
     return p, is_fraud(p, served.threshold)
@@ -197,7 +197,7 @@ def score_good_rows(served, X, bad):
 # %% ../nbs/07_scoring.ipynb #f3bba3e4
 def answer_table(p, fraud, version, ids=None, id_column=ID_COLUMN):
     "The output columns for probabilities `p` and verdicts `fraud` (the id column first when `ids` is given)."
-    from fraud_mlops.modelling import VERDICTS
+    from fraud_mlops.features import VERDICTS
     cols = {} if ids is None else {id_column: ids}
     cols['fraud_probability'] = pa.array(p, pa.float64())
     cols['prediction'] = pa.DictionaryArray.from_arrays(pa.array(np.asarray(fraud, 'int8')), pa.array(list(VERDICTS)))

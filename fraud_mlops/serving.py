@@ -29,7 +29,7 @@ from starlette.routing import Match
 
 from . import __version__
 from .config import settings
-from .modelling import VERDICTS, is_fraud
+from .features import VERDICTS, is_fraud
 from .registry import load_champion, read_champion
 from .store import IntegrityError, NoChampion, StoreError, open_store, utcnow
 from .runtime import ServedModel, ServingError, prepare_model

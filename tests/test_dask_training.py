@@ -57,7 +57,7 @@ def test_partitions_on_s3_through_a_moto_server(s3_uri, ci_df, monkeypatch):
     import fraud_mlops.train as train
     from fraud_mlops.modelling import features_and_labels, make_model
     from fraud_mlops.store import parse_s3_uri, s3_client
-    from fraud_mlops.scoring import arrow_filesystem
+    from fraud_mlops.cluster import arrow_filesystem
     bucket, _ = parse_s3_uri(s3_uri)
     parquet = lambda: [o['Key'] for o in s3_client().list_objects_v2(Bucket=bucket, Prefix='partitions/').get('Contents', [])
                        if o['Key'].endswith('.parquet')]

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from fraud_mlops.modelling import FEATURE_SOURCES, derived_features, fit_model, make_model
+from fraud_mlops.features import FEATURE_SOURCES, derived_features
+from fraud_mlops.modelling import fit_model, make_model
 from fraud_mlops.quickscorer import QuickScorer, forest_tables
 from fraud_mlops.runtime import prepare_model
 
