@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['CORES', 'VARS', 'ConfigError', 'cgroup_cores', 'usable_cores', 'text', 'flag', 'count', 'seconds', 'timeout',
-           'one_of', 'Var', 'Settings', 'settings', 'config_table']
+           'one_of', 'Var', 'cache_folder', 'Settings', 'settings', 'config_table']
 
 # %% ../nbs/00_config.ipynb #0643e951
 import math, os
@@ -94,6 +94,11 @@ class Var:
         try: return self.read(raw)
         except ValueError as e: raise ConfigError(f"{self.name}={raw!r}: {e}") from None
 
+# %% ../nbs/00_config.ipynb #d660ddeb
+def cache_folder():
+    "The default cache folder: `$XDG_CACHE_HOME/fraud-mlops`, else `~/.cache/fraud-mlops`."
+    return str(Path(os.environ.get('XDG_CACHE_HOME') or Path.home()/'.cache')/'fraud-mlops')
+
 # %% ../nbs/00_config.ipynb #3bcf0deb
 CORES = 'the cores this process may use'
 VARS = {
@@ -109,6 +114,8 @@ VARS = {
     'log_features': Var('FRAUD_MLOPS_LOG_FEATURES', flag, False, 'put the 30 features of each request in the access log'),
     'batch_threads': Var('FRAUD_MLOPS_BATCH_THREADS', count, usable_cores, 'threads that score one large batch', CORES),
     'chunk_rows': Var('FRAUD_MLOPS_CHUNK_ROWS', count, 250_000, 'rows per chunk read by `fraud-mlops score`'),
+    'cache_dir': Var('FRAUD_MLOPS_CACHE_DIR', text, cache_folder, "folder of prepared runtimes, so `fraud-mlops score` need not unpickle a model it has seen; `off` for none",
+                     '`$XDG_CACHE_HOME/fraud-mlops`, else `~/.cache/fraud-mlops`'),
     'dask_workers': Var('FRAUD_MLOPS_DASK_WORKERS', count, usable_cores, 'workers of the local Dask cluster started when no scheduler is given',
                         CORES),
     'train_notebook': Var('FRAUD_MLOPS_TRAIN_NOTEBOOK', text, '', 'notebook run by `fraud-mlops train`', 'nbs/03_train.ipynb'),
@@ -135,6 +142,7 @@ class Settings:
     log_features: bool
     batch_threads: int
     chunk_rows: int
+    cache_dir: str
     dask_workers: int
     train_notebook: str
     api_url: str
