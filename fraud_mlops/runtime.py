@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['EXAMPLE_FEATURES', 'log', 'PARALLEL_ROWS', 'NODE', 'FOREST_BLOCK', 'TOLERANCE', 'SMOKE_ROWS', 'example_models',
            'single_threaded', 'BoosterRuntime', 'forest_nodes', 'ForestRuntime', 'EnsembleRuntime', 'fast_predictor',
-           'ServingError', 'ServedModel', 'prepare_model']
+           'ServingError', 'ServedModel', 'served_threshold', 'prepare_model']
 
 # %% ../nbs/05b_runtime.ipynb #d48c5b1c
 import logging
@@ -16,7 +16,6 @@ import numpy as np
 from .config import settings
 from .data import DAY, FEATURES
 from .features import FEATURE_SOURCES, derived_features
-from .modelling import AverageEnsemble, FraudFeatures
 from .quickscorer import QuickScorer, Unsupported, _compile, forest_tables, in_slices
 from .store import StoreError, utcnow
 
@@ -56,6 +55,7 @@ def _is_binary_lgbm(est):
 
 def _is_lgbm_default(model):
     "True for a fitted `Pipeline([FraudFeatures, LGBMClassifier])` with a binary booster."
+    from fraud_mlops.modelling import FraudFeatures   # scikit-learn: imported only by a caller that has a pipeline to look at
     steps = getattr(model, 'steps', None)
     if not (isinstance(steps, list) and len(steps) == 2 and type(steps[0][1]) is FraudFeatures): return False
     return _is_binary_lgbm(steps[1][1])
@@ -240,6 +240,13 @@ class ForestRuntime:
         self.roots, self.nodes = forest_nodes(forest)
         self.features = forest.n_features_in_
 
+    @classmethod
+    def from_nodes(cls, roots, nodes, features):
+        "The runtime of a forest already flattened by `forest_nodes` into `roots` and `nodes`, reading `features` columns (as a cache keeps it)."
+        rt = cls.__new__(cls)
+        rt.roots, rt.nodes, rt.features = np.asarray(roots, np.uint64), np.asarray(nodes, NODE), int(features)
+        return rt
+
     def one(self, x):
         "P(class 1) of one feature row `x` (a contiguous float64 array)."
         if len(x) != self.features: raise ValueError(f'a row of {len(x)} features; the forest reads {self.features}')
@@ -254,6 +261,7 @@ class ForestRuntime:
 # %% ../nbs/05b_runtime.ipynb #80c81545
 def _lgbm_and_forest(model):
     "(LightGBM member, other member) of a fitted `Pipeline([FraudFeatures, AverageEnsemble([LGBMClassifier, forest])])`, else None."
+    from fraud_mlops.modelling import AverageEnsemble, FraudFeatures
     steps = getattr(model, 'steps', None)
     if not (isinstance(steps, list) and len(steps) == 2 and type(steps[0][1]) is FraudFeatures
             and type(steps[1][1]) is AverageEnsemble): return None
@@ -316,14 +324,20 @@ class ServedModel:
 # %% ../nbs/05b_runtime.ipynb #673fc1d6
 SMOKE_ROWS = np.array([[0.0] * 30, EXAMPLE_FEATURES, [172_792.0] + [-5.0] * 28 + [25_691.16], [float(DAY)] + [3.0] * 28 + [0.0]])
 
-# %% ../nbs/05b_runtime.ipynb #b2d1ccb2
-def prepare_model(model, manifest, threads=None):
-    "Check, single-thread, smoke-test and warm up `model` (`threads` for large batches, default FRAUD_MLOPS_BATCH_THREADS); return one `ServedModel`."
+# %% ../nbs/05b_runtime.ipynb #502c7900
+def served_threshold(manifest):
+    "The threshold of `manifest` as a float in [0, 1]; else `ServingError` naming the version."
     version = manifest.get('version')
     try: threshold = float(manifest['threshold'])
     except (KeyError, TypeError, ValueError):
         raise ServingError(f"manifest of version {version} has no usable threshold ({manifest.get('threshold')!r})") from None
     if not 0 <= threshold <= 1: raise ServingError(f"threshold of version {version} is {threshold}, not in [0, 1]")
+    return threshold
+
+# %% ../nbs/05b_runtime.ipynb #b2d1ccb2
+def prepare_model(model, manifest, threads=None):
+    "Check, single-thread, smoke-test and warm up `model` (`threads` for large batches, default FRAUD_MLOPS_BATCH_THREADS); return one `ServedModel`."
+    version, threshold = manifest.get('version'), served_threshold(manifest)
     classes = [int(c) if isinstance(c, (int, np.integer)) else c for c in getattr(model, 'classes_', [])]
     if classes != [0, 1]: raise ServingError(f"model of version {version} must predict classes [0, 1], not {classes}")
     single_threaded(model)
