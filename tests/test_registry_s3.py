@@ -232,8 +232,8 @@ def test_bad_cases_on_the_command_line_over_http(cli, free_port, s3_uri, parts, 
 
 RACER = r'''
 import os, sys, time
-import fraud_mlops.registry as registry
-real = registry.S3Store.put_if
+import fraud_mlops.store as store
+real = store.S3Store.put_if
 def put_if(self, key, data, tag):
     "Wait until every racer has read the pointer and decided, then write at once."
     race = os.environ['RACE_DIR']
@@ -241,7 +241,7 @@ def put_if(self, key, data, tag):
     deadline = time.monotonic() + 60
     while len(os.listdir(race)) < int(os.environ['RACERS']) and time.monotonic() < deadline: time.sleep(0.001)
     return real(self, key, data, tag)
-registry.S3Store.put_if = put_if
+store.S3Store.put_if = put_if
 from fraud_mlops.cli import main
 main(sys.argv[1:])
 '''
