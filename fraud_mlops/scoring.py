@@ -23,7 +23,6 @@ import pyarrow.parquet as pq
 from .cluster import close_dask, dask_client, in_order, is_s3, open_parquet
 from .config import count, settings
 from .data import FEATURES, DataError, check_columns
-from .registry import load_champion, load_model
 from .store import Missing, S3Store, open_store, parse_s3_uri
 
 # %% ../nbs/07_scoring.ipynb #787ae8cf
@@ -172,11 +171,10 @@ class ReadAhead:
     def __exit__(self, *exc): self.close()
 
 # %% ../nbs/07_scoring.ipynb #14ea4462
-def scoring_model(store=None, version=None):
-    "The `ServedModel` of the champion (or of `version`) of `store`, prepared exactly as the API prepares it."
-    from fraud_mlops.runtime import prepare_model   # numba, scikit-learn, LightGBM: imported once a model is needed
-    s = open_store(store)
-    return prepare_model(*(load_model(s, version) if version else load_champion(s)))
+def scoring_model(store=None, version=None, cache=True):
+    "The `ServedModel` of the champion (or of `version`) of `store`, prepared exactly as the API prepares it (`cache`: through the runtime cache)."
+    from fraud_mlops.runtime_cache import served_model   # numba (and, without a cache entry, scikit-learn and LightGBM): imported once a model is needed
+    return served_model(open_store(store), version, cache)
 
 # %% ../nbs/07_scoring.ipynb #7cd6be3c
 def chunk_features(table, id_column=ID_COLUMN):
@@ -298,7 +296,7 @@ def score_file(input, output, store=None, version=None, on_error='skip', rows=No
                 served = scoring_model(store, version)          # while the first chunk is read
                 chunks, total = local_engine(read, served, id_column), progress and parquet_input and _parquet_file(path, where).metadata.num_rows
             else:
-                served = scoring_model(store, version)
+                served = scoring_model(store, version, cache=False)   # the workers get the fitted model
                 chunks, total = dask_engine(input, served, rows, id_column, where, scheduler), None
             bar = job.enter_context(_progress(progress, total or None, where))
             for out, reasons, n in chunks:
