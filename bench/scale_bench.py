@@ -2,7 +2,8 @@
 
 First, the command as users run it: `fraud-mlops score full.parquet out.parquet` of the 284,807 real rows, a fresh
 process each time (interpreter start, imports, loading and checking the model, reading, scoring, writing, exit), timed
-from outside, `BENCH_RUNS` times (default 5), alternating with a reference in the same run: the plain script one would
+from outside: once with an empty runtime cache (the first `score` of a version, which builds its entry; printed apart),
+then `BENCH_RUNS` times (default 5) with that entry, alternating with a reference in the same run: the plain script one would
 write without this package (pandas `read_parquet`, `joblib.load` of the same pipeline, `predict_proba`, `to_parquet`).
 Printed: each run, the median rows/s of both and their ratio (target: the command at 150,000 rows/s or more on 2 cores).
 `python bench/scale_bench.py --startup` prints only that.
@@ -17,7 +18,7 @@ Printed: the model step alone (feature transform and trees, the API's runtime, o
 Booster.predict on the same chunk and threads, with a bit-for-bit check), then for each input
 rows/s end to end (Parquet to Parquet) and peak RSS, with ratios to 1x: flat memory means a ratio near 1.
 """
-import argparse, json, os, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import numpy as np
@@ -92,19 +93,25 @@ def startup(base, data, store):
     import joblib; joblib.dump(model, plain_model)
     command = [Path(sys.executable).parent/'fraud-mlops', 'score', src, base/'out.parquet', '--store', store]
     plain = [sys.executable, '-c', PLAIN, src, base/'plain.parquet', plain_model, str(manifest['threshold'])]
-    subprocess.run(command, check=True, capture_output=True)           # numba's cache filled, files in the page cache
+    env = {**os.environ, 'FRAUD_MLOPS_CACHE_DIR': str(base/'runtime-cache')}   # its own runtime cache, empty at first
+    shutil.rmtree(base/'runtime-cache', ignore_errors=True)
+    subprocess.run(command, check=True, capture_output=True, env={**env, 'FRAUD_MLOPS_CACHE_DIR': 'off'})  # numba's cache filled, files in the page cache
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, env=env)   # the first run of the version: builds its runtime cache entry
+    cold = time.perf_counter() - start
     times = {'fraud-mlops score': [], 'plain script': []}
     for _ in range(RUNS):
         for name, cmd in (('fraud-mlops score', command), ('plain script', plain)):
             start = time.perf_counter()
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode: sys.exit(f'{name} failed:\n{out.stderr[-3000:]}')
             times[name].append(time.perf_counter() - start)
     fast = rows / statistics.median(times['fraud-mlops score'])
     ref = rows / statistics.median(times['plain script'])
     for name, t in times.items(): print(f"  {name:18} {', '.join(f'{x:.2f}' for x in t)} s")
-    print(f"`fraud-mlops score` of {rows:,} rows (Parquet to Parquet, process start to exit, median of {RUNS}): {fast:,.0f} rows/s "
-          f"(target >= 150,000); the plain script in the same run {ref:,.0f} rows/s: {fast / ref:.2f}x")
+    print(f"`fraud-mlops score` of {rows:,} rows (Parquet to Parquet, process start to exit, runtime cache warm, median of {RUNS}): "
+          f"{fast:,.0f} rows/s (target >= 150,000); the plain script in the same run {ref:,.0f} rows/s: {fast / ref:.2f}x")
+    print(f"  first run of the version (runtime cache empty: unpickles, prepares, writes the entry): {cold:.2f} s, {rows / cold:,.0f} rows/s")
     src.unlink()
 
 
@@ -123,11 +130,11 @@ def main():
     startup(base, data, store)
     if args.startup:
         if not os.environ.get('BENCH_DIR'):
-            import shutil; shutil.rmtree(base)
+            shutil.rmtree(base)
         return
 
     from fraud_mlops.scoring import scoring_model
-    served = scoring_model(store)
+    served = scoring_model(store, cache=False)   # the fitted model itself: its booster is the reference below
     chunk_rows = settings().chunk_rows
     chunk = X[np.arange(chunk_rows) % len(X)]
     got = served.predict(chunk)
@@ -173,7 +180,7 @@ def main():
           f"peak RSS {min(r['client_mb'] for r in local):,.0f} to {max(r['client_mb'] for r in local):,.0f} MB over "
           f"{local[0]['rows']:,} to {local[-1]['rows']:,} rows")
     if not os.environ.get('BENCH_DIR'):
-        import shutil; shutil.rmtree(base)
+        shutil.rmtree(base)
 
 
 def _timed(f, *args):
