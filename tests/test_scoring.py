@@ -13,6 +13,12 @@ from fraud_mlops.store import s3_client
 from fraud_mlops.scoring import OUTPUT_COLUMNS, score_file, sidecar
 
 
+@pytest.fixture(autouse=True)
+def runtime_cache(tmp_path_factory, monkeypatch):
+    "Each test's own runtime cache (05c_runtime_cache), inherited by the commands it runs: never the user's."
+    monkeypatch.setenv('FRAUD_MLOPS_CACHE_DIR', str(tmp_path_factory.mktemp('runtime-cache')))
+
+
 @pytest.fixture(scope='module')
 def inputs(ci_df, tmp_path_factory):
     "The CI subset with an id column, as CSV and as Parquet (small row groups, so Dask makes several partitions)."
