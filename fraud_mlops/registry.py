@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['SIGNING_KEY_VAR', 'CHAMPION', 'signing_key', 'canonical_json', 'key_id', 'sign_manifest', 'verify_manifest',
            'new_version_id', 'save_version', 'list_versions', 'delete_version', 'load_manifest', 'model_from',
-           'load_model', 'load_evidence', 'load_evaluation', 'read_champion', 'set_champion', 'load_champion',
-           'record_decision', 'decided_versions', 'list_decisions', 'version_statuses', 'signature_status',
-           'model_statuses']
+           'load_model', 'load_evidence', 'load_evaluation', 'read_champion', 'set_champion', 'champion_manifest',
+           'load_champion', 'record_decision', 'decided_versions', 'list_decisions', 'version_statuses',
+           'signature_status', 'model_statuses']
 
 # %% ../nbs/02c_registry.ipynb #476444ac
 import hmac, io, json, secrets
@@ -168,13 +168,17 @@ def set_champion(store, version, tag, reason='', pointer=None):
     store.put_if(CHAMPION, json.dumps(new, indent=1).encode(), tag)
     return new
 
-def load_champion(store, pointer=None):
-    "(model, manifest) of the champion (named by `pointer` when the caller has read it); `NoChampion` if there is none."
+def champion_manifest(store, pointer=None):
+    "The verified manifest of the champion (named by `pointer` when the caller has read it), without its model; `NoChampion` if none."
     if pointer is None: pointer, _ = read_champion(store)
     if pointer is None: raise NoChampion(f"store {store.uri} has no champion yet: train a model and promote it")
-    try: manifest = load_manifest(store, pointer['version'])
+    try: return load_manifest(store, pointer['version'])
     except Missing:
         raise StoreError(f"{CHAMPION} in store {store.uri} names version {pointer['version']}, which is not in the store") from None
+
+def load_champion(store, pointer=None):
+    "(model, manifest) of the champion (named by `pointer` when the caller has read it); `NoChampion` if there is none."
+    manifest = champion_manifest(store, pointer)
     return model_from(store, manifest), manifest
 
 # %% ../nbs/02c_registry.ipynb #671b673d

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['RUNTIME_FORMAT', 'log', 'runtime_arrays', 'model_inputs', 'ArrayRuntime', 'cache_dir', 'entry_path', 'write_entry',
-           'numba_without_blas', 'read_entry', 'champion_manifest', 'served_model']
+           'numba_without_blas', 'read_entry', 'served_model']
 
 # %% ../nbs/05c_runtime_cache.ipynb #e17b746d
 import logging, os, re, sys, tempfile
@@ -16,10 +16,10 @@ from . import __version__
 from .config import settings
 from .features import FEATURE_SOURCES, derived_features
 from .quickscorer import ForestTables, QuickScorer, Unsupported
-from .registry import CHAMPION, load_manifest, model_from, read_champion
+from .registry import champion_manifest, load_manifest, model_from
 from .runtime import (NODE, SMOKE_ROWS, TOLERANCE, BoosterRuntime, EnsembleRuntime, ForestRuntime, ServedModel,
                                  _Runtime, prepare_model, served_threshold)
-from .store import Missing, NoChampion, StoreError, utcnow
+from .store import utcnow
 
 # %% ../nbs/05c_runtime_cache.ipynb #b235131b
 RUNTIME_FORMAT = 1  # bump whenever the arrays below, or what they mean, change: older entries are then never read
@@ -139,15 +139,6 @@ def read_entry(path, sha256, threads=None):
         return rt
     except Exception as e:
         log.warning('runtime cache entry %s ignored (%s): rebuilding it', path, e); return None
-
-# %% ../nbs/05c_runtime_cache.ipynb #814890cf
-def champion_manifest(store):
-    "The verified manifest of the champion of `store`, with `registry.load_champion`'s errors, without loading its model."
-    pointer, _ = read_champion(store)
-    if pointer is None: raise NoChampion(f"store {store.uri} has no champion yet: train a model and promote it")
-    try: return load_manifest(store, pointer['version'])
-    except Missing:
-        raise StoreError(f"{CHAMPION} in store {store.uri} names version {pointer['version']}, which is not in the store") from None
 
 # %% ../nbs/05c_runtime_cache.ipynb #06995f7f
 def served_model(store, version=None, cache=True, threads=None):

@@ -17,6 +17,15 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(scope='session', autouse=True)
+def runtime_cache_folder(tmp_path_factory):
+    "Every test (and every process it starts) caches prepared runtimes in a folder of this run, never in the user's cache."
+    folder = tmp_path_factory.mktemp('runtime-cache')
+    mp = pytest.MonkeyPatch(); mp.setenv('FRAUD_MLOPS_CACHE_DIR', str(folder))
+    yield folder
+    mp.undo()
+
+
 @pytest.fixture(scope='session')
 def ci_df():
     return load_transactions(resolve_path(CI_SUBSET))
