@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from fraud_mlops.data import CI_SUBSET, resolve_path
+
 
 @pytest.mark.slow
 def test_promote_models_rollback_round_trip(cli, store, add_candidate):
@@ -59,7 +61,7 @@ def test_bad_input_is_2_and_a_bad_setting_names_its_variable(cli, tmp_path):
     assert (r.returncode, r.stderr) == (2, f"error: {tmp_path/'missing.csv'}: no such file (run `fraud-mlops fetch-data` for the full dataset)\n")
     r = cli('score', tmp_path/'in.csv', tmp_path/'out.csv', '--store', tmp_path, env={'FRAUD_MLOPS_CHUNK_ROWS': 'lots'})
     assert (r.returncode, r.stderr) == (2, "error: FRAUD_MLOPS_CHUNK_ROWS='lots': expected a whole number, 1 or more\n")
-    r = cli('train', '--store', tmp_path, env={'FRAUD_MLOPS_TRAIN_NOTEBOOK': str(tmp_path/'nope.ipynb')})
+    r = cli('train', '--data', resolve_path(CI_SUBSET), '--store', tmp_path, env={'FRAUD_MLOPS_TRAIN_NOTEBOOK': str(tmp_path/'nope.ipynb')})
     assert r.returncode == 2 and 'set FRAUD_MLOPS_TRAIN_NOTEBOOK' in r.stderr
 
 
