@@ -96,12 +96,18 @@ def test_bad_files_and_a_missing_model_are_clear_errors(cli, store, add_champion
     assert not (tmp_path/'o.csv').exists() and not [p for p in tmp_path.iterdir() if p.name.startswith('.')]
 
 
-@pytest.mark.slow
-def test_s3_input_and_output_through_a_moto_server(cli, s3_uri, add_champion, inputs, tmp_path):
-    "s3:// in and out (and the store on S3 too): the same answers as local files; a failed job uploads nothing."
+@pytest.fixture
+def s3_champion(s3_uri, add_champion):
+    "(the store on the moto server, its champion's version)."
     from fraud_mlops.store import open_store
     store = open_store(s3_uri, create=True)
-    v = add_champion(store)
+    return store, add_champion(store)
+
+
+@pytest.mark.slow
+def test_s3_input_and_output_through_a_moto_server(cli, s3_uri, s3_champion, inputs, tmp_path):
+    "s3:// in and out (and the store on S3 too): the same answers as local files; a failed job uploads nothing."
+    store, v = s3_champion
     df, d = inputs
     bucket = store.bucket
     s3 = s3_client()
@@ -159,11 +165,9 @@ def test_dask_engine_gives_the_local_engines_output(cli, cluster, champion, stor
 
 
 @pytest.mark.slow
-def test_dask_engine_starts_its_own_cluster_and_reads_s3_parquet(cli, s3_uri, add_champion, inputs, tmp_path):
+def test_dask_engine_starts_its_own_cluster_and_reads_s3_parquet(cli, s3_uri, s3_champion, inputs, tmp_path):
     "`--engine dask` without an address starts a local cluster; its workers read s3:// Parquet from the moto server."
-    from fraud_mlops.store import open_store
-    store = open_store(s3_uri, create=True)
-    v = add_champion(store)
+    store, v = s3_champion
     df, d = inputs
     s3_client().upload_file(str(d/'ci.parquet'), store.bucket, 'in/ci.parquet')
     r = cli('score', f's3://{store.bucket}/in/ci.parquet', tmp_path/'dask.parquet', '--store', s3_uri, '--engine', 'dask', '--chunk-rows', '2500')
