@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['CORES', 'VARS', 'HOME_VARS', 'ConfigError', 'cgroup_cores', 'usable_cores', 'text', 'flag', 'count', 'seconds',
-           'timeout', 'one_of', 'Var', 'cache_folder', 'Settings', 'settings', 'config_table']
+           'timeout', 'one_of', 'Var', 'cache_folder', 'key_folder', 'Settings', 'settings', 'config_table']
 
 # %% ../nbs/00_config.ipynb #0643e951
 import math, os
@@ -95,11 +95,18 @@ class Var:
         except ValueError as e: raise ConfigError(f"{self.name}={raw!r}: {e}") from None
 
 # %% ../nbs/00_config.ipynb #d660ddeb
+def _home(env): return Path(env['HOME']) if env.get('HOME') else Path.home()
+
 def cache_folder(env=None):
     "The default cache folder in environment `env` (default `os.environ`): `$XDG_CACHE_HOME/fraud-mlops`, else `~/.cache/fraud-mlops`."
     env = os.environ if env is None else env
-    home = Path(env['HOME']) if env.get('HOME') else Path.home()
-    return str(Path(env.get('XDG_CACHE_HOME') or home/'.cache')/'fraud-mlops')
+    return str(Path(env.get('XDG_CACHE_HOME') or _home(env)/'.cache')/'fraud-mlops')
+
+# %% ../nbs/00_config.ipynb #3aa94748
+def key_folder(env=None):
+    "The default folder of local signing keys in `env` (default `os.environ`): `$XDG_CONFIG_HOME/fraud-mlops/keys`, else `~/.config/...`."
+    env = os.environ if env is None else env
+    return str(Path(env.get('XDG_CONFIG_HOME') or _home(env)/'.config')/'fraud-mlops'/'keys')
 
 # %% ../nbs/00_config.ipynb #3bcf0deb
 CORES = 'the cores this process may use'
@@ -107,8 +114,14 @@ VARS = {
     'store': Var('FRAUD_MLOPS_STORE', text, 'registry', 'model store: a folder, or s3://bucket/prefix'),
     'admin_token': Var('FRAUD_MLOPS_ADMIN_TOKEN', text, '', 'bearer token of `POST /reload`; unset, reloading over HTTP is off',
                        'unset', secret=True),
-    'signing_key': Var('FRAUD_MLOPS_SIGNING_KEY', text, '', 'HMAC key that signs manifests at training and verifies them when loading',
-                       'unset', secret=True),
+    'signing_key': Var('FRAUD_MLOPS_SIGNING_KEY', text, '', 'Ed25519 private key (PEM text, or the path of a PEM file) that training and '
+                       'promotion sign with; unset, the one in the key folder, made on first use for a local store', 'unset', secret=True),
+    'public_keys': Var('FRAUD_MLOPS_PUBLIC_KEYS', text, '', 'Ed25519 public keys trusted when loading models and pointers, comma-separated '
+                       '(base64 of the 32 raw bytes, as `fraud-mlops keys` prints, or a PEM file path); unset, the key folder\'s', 'unset'),
+    'key_dir': Var('FRAUD_MLOPS_KEY_DIR', text, key_folder, 'private folder (mode 0700) of the local key pair',
+                   '`$XDG_CONFIG_HOME/fraud-mlops/keys`, else `~/.config/fraud-mlops/keys`'),
+    'insecure_unsigned': Var('FRAUD_MLOPS_INSECURE_ALLOW_UNSIGNED', flag, False, 'INSECURE: load unsigned or unverifiable models and '
+                             'pointers, so anyone who can write to the store runs code in the API; for experiments only'),
     'max_batch': Var('FRAUD_MLOPS_MAX_BATCH', count, 100_000, 'most rows `POST /predict/batch` takes in one request'),
     'max_body_bytes': Var('FRAUD_MLOPS_MAX_BODY_BYTES', count, 64 << 20, 'largest request body the API reads, in bytes'),
     'poll_seconds': Var('FRAUD_MLOPS_POLL_SECONDS', seconds, 10.0, 'how often each API worker checks the champion pointer; 0 turns polling off'),
@@ -137,6 +150,9 @@ class Settings:
     store: str
     admin_token: str
     signing_key: str
+    public_keys: str
+    key_dir: str
+    insecure_unsigned: bool
     max_batch: int
     max_body_bytes: int
     poll_seconds: float
@@ -166,7 +182,7 @@ class Settings:
         return f"Settings({', '.join(shown)})"
 
 # %% ../nbs/00_config.ipynb #2a53cc86
-HOME_VARS = ('XDG_CACHE_HOME', 'HOME')  # what machine-dependent defaults read besides `VARS`
+HOME_VARS = ('XDG_CACHE_HOME', 'XDG_CONFIG_HOME', 'HOME')  # what machine-dependent defaults read besides `VARS`
 
 @lru_cache(maxsize=16)
 def _parse(raws, home):
