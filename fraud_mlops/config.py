@@ -86,9 +86,12 @@ class Var:
     doc: str
     shown: str = ''
     secret: bool = False
+    blank: bool = True  # False: set but blank is an error, not the default (a key that must never silently mean "none")
 
     def value(self, raw, env=None):
         "The value for `raw` (None or blank: unset, the default, a function's of `env`); `ConfigError` naming the variable if unusable."
+        if raw is not None and not raw.strip() and not self.blank:
+            raise ConfigError(f"{self.name} is set but empty: unset it for the default ({self.shown or self.default}), or give a value")
         raw = (raw or '').strip()
         if not raw: return self.default(env or {}) if callable(self.default) else self.default
         try: return self.read(raw)
@@ -115,9 +118,9 @@ VARS = {
     'admin_token': Var('FRAUD_MLOPS_ADMIN_TOKEN', text, '', 'bearer token of `POST /reload`; unset, reloading over HTTP is off',
                        'unset', secret=True),
     'signing_key': Var('FRAUD_MLOPS_SIGNING_KEY', text, '', 'Ed25519 private key (PEM text, or the path of a PEM file) that training and '
-                       'promotion sign with; unset, the one in the key folder, made on first use for a local store', 'unset', secret=True),
+                       'promotion sign with; unset, the one in the key folder, made on first use for a local store', 'unset', secret=True, blank=False),
     'public_keys': Var('FRAUD_MLOPS_PUBLIC_KEYS', text, '', 'Ed25519 public keys trusted when loading models and pointers, comma-separated '
-                       '(base64 of the 32 raw bytes, as `fraud-mlops keys` prints, or a PEM file path); unset, the key folder\'s', 'unset'),
+                       '(base64 of the 32 raw bytes, as `fraud-mlops keys` prints, or a PEM file path); unset, the key folder\'s', 'unset', blank=False),
     'key_dir': Var('FRAUD_MLOPS_KEY_DIR', text, key_folder, 'private folder (mode 0700) of the local key pair',
                    '`$XDG_CONFIG_HOME/fraud-mlops/keys`, else `~/.config/fraud-mlops/keys`'),
     'insecure_unsigned': Var('FRAUD_MLOPS_INSECURE_ALLOW_UNSIGNED', flag, False, 'INSECURE: load unsigned or unverifiable models and '
