@@ -40,7 +40,7 @@ run: ## the main job: set up, fetch the real data, train on all of it, promote, 
 	$(MAKE) serve
 
 test: install ## notebook tests (nbdev_test) and integration tests (pytest)
-	FRAUD_MLOPS_STORE=$$(mktemp -d) FRAUD_MLOPS_CACHE_DIR=$$(mktemp -d) $(BIN)/nbdev_test --n_workers 2
+	FRAUD_MLOPS_STORE=$$(mktemp -d) FRAUD_MLOPS_CACHE_DIR=$$(mktemp -d) FRAUD_MLOPS_KEY_DIR=$$(mktemp -d)/keys $(BIN)/nbdev_test --n_workers 2
 	$(BIN)/pytest -q tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here"; exit 1; fi; exit $$rc
 

@@ -26,6 +26,17 @@ def runtime_cache_folder(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(scope='session', autouse=True)
+def key_folder(tmp_path_factory):
+    """Every test (and every process it starts) signs with, and trusts, the key pair of a folder of this run, made on first use:
+    never the user's keys, and no key configured in the developer's shell leaks in."""
+    folder = tmp_path_factory.mktemp('keys') / 'keys'
+    mp = pytest.MonkeyPatch(); mp.setenv('FRAUD_MLOPS_KEY_DIR', str(folder))
+    for k in ('FRAUD_MLOPS_SIGNING_KEY', 'FRAUD_MLOPS_PUBLIC_KEYS', 'FRAUD_MLOPS_INSECURE_ALLOW_UNSIGNED'): mp.delenv(k, raising=False)
+    yield folder
+    mp.undo()
+
+
 @pytest.fixture(scope='session')
 def ci_df():
     return load_transactions(resolve_path(CI_SUBSET))
