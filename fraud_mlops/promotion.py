@@ -120,8 +120,8 @@ def promote(store, version=None, min_gain=0.0, dry_run=False, notify=True, min_f
         ok, reason = (ok, f'{reason}; {thin}') if pointer is None else (False, f'{thin}; the champion stays')
     decision.update(decision='promoted' if ok else 'rejected', reason=reason)
     if dry_run: return {**decision, 'dry_run': True}
-    if ok: set_champion(store, version, tag, reason, pointer=pointer)
-    decision['log'] = record_decision(store, decision)
+    if ok: decision['log'] = set_champion(store, version, tag, reason, pointer, decision)['decision_log']   # pointer and decision: one write
+    else: decision['log'] = record_decision(store, decision)
     if prune: decision['pruned'] = prune_rejected(store)
     if ok and notify: decision['notify'] = notify_api()
     return decision
@@ -136,8 +136,7 @@ def rollback(store, to=None, notify=True):
     if to == pointer['version']: raise StoreError(f"version {to} is already the champion")
     load_model(store, to)  # refuse a missing, unsigned or corrupt target before touching the pointer
     reason = f"rollback from {pointer['version']} to {to}"
-    set_champion(store, to, tag, reason, pointer=pointer)
     decision = {'candidate': to, 'champion': pointer['version'], 'decision': 'rollback', 'reason': reason}
-    decision['log'] = record_decision(store, decision)
+    decision['log'] = set_champion(store, to, tag, reason, pointer, decision)['decision_log']   # a new, higher, signed pointer
     if notify: decision['notify'] = notify_api()
     return decision

@@ -176,7 +176,7 @@ def set_champion(store, version, tag, reason='', pointer=None, decision=None):
     new = signed({'version': version, 'sequence': sequence(pointer) + 1, 'previous': old, 'updated_at': record['time'],
                   'by': record['by'], 'reason': record['reason'], 'decision_log': decision_key(version), 'decision': record})
     store.put_if(CHAMPION, json.dumps(new, indent=1).encode(), tag)
-    log_pointer_decision(store, new)
+    store.put_new(new['decision_log'], json.dumps(record, indent=1).encode())   # a copy: the pointer already holds it
     return new
 
 # %% ../nbs/02c_registry.ipynb #671b673d
