@@ -5,8 +5,9 @@
 # %% auto #0
 __all__ = ['VERSION', 'CHAMPION', 'new_version_id', 'check_version', 'save_version', 'list_versions', 'delete_version',
            'load_manifest', 'model_from', 'load_model', 'load_evidence', 'load_evaluation', 'sequence', 'read_champion',
-           'check_sequence', 'decision_key', 'log_pointer_decision', 'set_champion', 'record_decision',
-           'decided_versions', 'list_decisions', 'version_statuses', 'model_statuses']
+           'check_sequence', 'decision_key', 'log_pointer_decision', 'set_champion', 'champion_manifest',
+           'load_champion', 'record_decision', 'decided_versions', 'list_decisions', 'version_statuses',
+           'model_statuses']
 
 # %% ../nbs/02c_registry.ipynb #476444ac
 import io, json, re, secrets
@@ -178,6 +179,20 @@ def set_champion(store, version, tag, reason='', pointer=None, decision=None):
     store.put_if(CHAMPION, json.dumps(new, indent=1).encode(), tag)
     store.put_new(new['decision_log'], json.dumps(record, indent=1).encode())   # a copy: the pointer already holds it
     return new
+
+# %% ../nbs/02c_registry.ipynb #a2dcf741
+def champion_manifest(store, pointer=None):
+    "The verified manifest of the champion (named by `pointer` when the caller has read it), without its model; `NoChampion` if none."
+    if pointer is None: pointer, _ = read_champion(store)
+    if pointer is None: raise NoChampion(f"store {store.uri} has no champion yet: train a model and promote it")
+    try: return load_manifest(store, pointer['version'])
+    except Missing:
+        raise StoreError(f"{CHAMPION} in store {store.uri} names version {pointer['version']}, which is not in the store") from None
+
+def load_champion(store, pointer=None):
+    "(model, manifest) of the champion (named by `pointer` when the caller has read it); `NoChampion` if there is none."
+    manifest = champion_manifest(store, pointer)
+    return model_from(store, manifest), manifest
 
 # %% ../nbs/02c_registry.ipynb #671b673d
 def record_decision(store, decision):
