@@ -8,7 +8,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from fraud_mlops.deploy import DeployError, container, deploy, find_service, load_task_definition
+from fraud_mlops.deploy import DeployError, container, deploy, find_service, load_task_definition, signing_key_secret
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT/'.aws'/'cloudformation.yml'
@@ -33,8 +33,9 @@ def create_or_update(cfn, stack, **parameters):
     except ClientError: secret = sm.create_secret(Name=f'{stack}/admin-token', SecretString='t')['ARN']
     assert body.count('Value: !Ref AdminToken') == 1
     body = body.replace('Value: !Ref AdminToken', f'Value: {secret}')
-    params = [{'ParameterKey': 'GitHubRepository', 'ParameterValue': 'someone/fraud-mlops'}] + \
-             [{'ParameterKey': k, 'ParameterValue': v} for k, v in parameters.items()]
+    key_arn, public = signing_key_secret(stack, sm, log=lambda m: None)   # the tutorial's step 0
+    parameters = {'GitHubRepository': 'someone/fraud-mlops', 'SigningKeySecretArn': key_arn, 'SigningPublicKeys': public, **parameters}
+    params = [{'ParameterKey': k, 'ParameterValue': v} for k, v in parameters.items()]
     kw = dict(StackName=stack, TemplateBody=body, Capabilities=['CAPABILITY_NAMED_IAM'], Parameters=params)
     try: cfn.describe_stacks(StackName=stack); cfn.update_stack(**kw)
     except ClientError: cfn.create_stack(**kw)
@@ -53,30 +54,32 @@ def push(ecr, image):
 @pytest.mark.slow                                           # the README's whole deploy flow
 @pytest.mark.filterwarnings("ignore:Tried to parse AWS::")   # moto skips three resource types; see create_or_update
 def test_from_an_empty_account_to_a_deployed_api(moto_aws):
-    cfn, ecs, ecr = boto3.client('cloudformation'), boto3.client('ecs'), boto3.client('ecr')
+    cfn, ecs, ecr, events = (boto3.client(s) for s in ('cloudformation', 'ecs', 'ecr', 'events'))
     outputs = create_or_update(cfn, 'fraud-mlops')
     assert 'ApiServiceName' not in outputs and ecs.list_services(cluster=outputs['ClusterName'])['serviceArns'] == []
-    image = f"{outputs['ApiRepositoryUri']}:{'a' * 40}"
+    image, training = f"{outputs['ApiRepositoryUri']}:{'a' * 40}", f"{outputs['TrainingRepositoryUri']}:{'a' * 40}"
 
     # an image that was never pushed is refused before anything is registered
     with pytest.raises(DeployError, match=f'image {image} is not in ECR: push it first'):
         deploy(TASK_DEFINITION, image, stack='fraud-mlops', log=lambda m: None)
     assert ecs.list_task_definitions(familyPrefix='fraud-mlops-api')['taskDefinitionArns'] == []
-    push(ecr, image)
+    push(ecr, image); push(ecr, training)
 
-    # first push: the revision is registered, and the command stops with what to run next
+    # first push: the revision is registered, the schedule runs the pushed training image (to train the first model),
+    # and the command stops with what to run next
     with pytest.raises(DeployError) as e:
-        deploy(TASK_DEFINITION, image, stack='fraud-mlops', log=lambda m: None)
+        deploy(TASK_DEFINITION, image, stack='fraud-mlops', log=lambda m: None, training_image=training)
     first = 'arn:aws:ecs:eu-west-1:123456789012:task-definition/fraud-mlops-api:1'
     assert f'stack fraud-mlops has no API service yet (first deployment): registered {first}' in str(e.value)
     assert f'--parameter-overrides ApiTaskDefinition={first}' in str(e.value)
+    assert scheduled_training(ecs, events, outputs)['image'] == training
 
     # the stack, given that revision, creates the service; every later push deploys to it
     outputs = create_or_update(cfn, 'fraud-mlops', ApiTaskDefinition=first)
     assert find_service(ecs, outputs['ClusterName'], outputs['ApiServiceName'])['taskDefinition'] == first
-    image2 = f"{outputs['ApiRepositoryUri']}:{'b' * 40}"
-    push(ecr, image2)
-    arn = deploy(TASK_DEFINITION, image2, stack='fraud-mlops', wait=False, log=lambda m: None)
+    image2, training2 = f"{outputs['ApiRepositoryUri']}:{'b' * 40}", f"{outputs['TrainingRepositoryUri']}:{'b' * 40}"
+    push(ecr, image2); push(ecr, training2)
+    arn = deploy(TASK_DEFINITION, image2, stack='fraud-mlops', wait=False, log=lambda m: None, training_image=training2)
     assert arn.endswith('task-definition/fraud-mlops-api:2')
     service = find_service(ecs, 'fraud-mlops', 'fraud-mlops-api')
     assert service['taskDefinition'] == arn
@@ -88,12 +91,28 @@ def test_from_an_empty_account_to_a_deployed_api(moto_aws):
     env = {e['name']: e['value'] for e in api['environment']}
     assert env['FRAUD_MLOPS_STORE'] == outputs['ModelStoreUri'] and env['FRAUD_MLOPS_STORE'].startswith('s3://')
     assert api['secrets'] == [{'name': 'FRAUD_MLOPS_ADMIN_TOKEN', 'valueFrom': outputs['AdminTokenSecretArn']}]
+    assert env['FRAUD_MLOPS_PUBLIC_KEYS'] == outputs['SigningPublicKeys'] and 'FRAUD_MLOPS_SIGNING_KEY' not in env
+
+    # the keys: the private one only in the training task (from the secret), the public one in both
+    key_arn, public = signing_key_secret('fraud-mlops', log=lambda m: None)
+    assert outputs['SigningPublicKeys'] == public
+    trainer = scheduled_training(ecs, events, outputs)
+    assert trainer['image'] == training2 and trainer['secrets'] == [{'name': 'FRAUD_MLOPS_SIGNING_KEY', 'valueFrom': key_arn}]
+    assert {'name': 'FRAUD_MLOPS_PUBLIC_KEYS', 'value': public} in trainer['environment']
     options = api['logConfiguration']['options']
     assert (options['awslogs-group'], options['awslogs-region']) == (outputs['ApiLogGroup'], 'eu-west-1')
     assert '123456789012:role/fraud-mlops' in td['taskRoleArn']   # moto's account, not a value from the file
     committed = load_task_definition(TASK_DEFINITION)
     assert (td['cpu'], td['memory'], api['healthCheck']) == (committed['cpu'], committed['memory'],
                                                              container(committed, 'api')['healthCheck'])
+
+
+def scheduled_training(ecs, events, outputs):
+    "The training container of the task definition that the stack's schedule runs."
+    target, = events.list_targets_by_rule(Rule=outputs['TrainingScheduleRule'])['Targets']
+    td = ecs.describe_task_definition(taskDefinition=target['EcsParameters']['TaskDefinitionArn'])['taskDefinition']
+    assert td['family'] == outputs['TrainingTaskFamily']
+    return container(td, 'training')
 
 
 # --- the command, over HTTP against a moto server, as the workflow runs it
@@ -175,3 +194,16 @@ def test_dry_run_prints_the_rendered_task_definition_and_touches_nothing(aws_env
     td = json.loads(r.stdout)
     assert container(td, 'api')['image'] == 'registry.example/api:d1'
     assert {'name': 'WEB_CONCURRENCY', 'value': '2'} in container(td, 'api')['environment']
+
+
+def test_signing_key_is_made_once_and_printed_as_the_stack_parameters(moto_server, aws_env, deploy_cli):
+    aws_env(moto_server)
+    stack = f'fraud-{uuid.uuid4().hex[:8]}'
+    first, again = (deploy_cli('--stack', stack, '--signing-key') for _ in range(2))
+    assert (first.returncode, again.returncode) == (0, 0), first.stderr
+    assert first.stdout == again.stdout and 'made a new signing key' in first.stderr and again.stderr == ''
+    params = dict(p.split('=', 1) for p in first.stdout.split())
+    assert set(params) == {'SigningKeySecretArn', 'SigningPublicKeys'} and f':secret:{stack}/signing-key-' in params['SigningKeySecretArn']
+    pem = boto3.client('secretsmanager').get_secret_value(SecretId=params['SigningKeySecretArn'])['SecretString']
+    from fraud_mlops.signing import public_text, read_private_key
+    assert public_text(read_private_key(pem)) == params['SigningPublicKeys'] and pem not in first.stdout + first.stderr
