@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['ID_COLUMN', 'OUTPUT_COLUMNS', 'chunk_rows', 'file_format', 'feature_matrix', 'columns_to_read', 'read_chunks',
            'ReadAhead', 'scoring_model', 'chunk_features', 'score_good_rows', 'answer_table', 's3_object',
-           'local_input', 'publish', 'temporary_output', 'AnswerWriter', 'BadRows', 'describe_bad_rows', 'sidecar',
-           'local_engine', 'score_file', 'dask_engine']
+           'local_input', 'sidecar', 'check_paths', 'output_file', 'remove_output', 'AnswerWriter', 'BadRows',
+           'describe_bad_rows', 'local_engine', 'score_file', 'dask_engine']
 
 # %% ../nbs/07_scoring.ipynb #f16914de
-import os, queue, secrets, sys, tempfile, threading, time
+import queue, sys, tempfile, threading, time
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from .cluster import close_dask, dask_client, in_order, is_s3, open_parquet
 from .config import count, settings
-from .data import FEATURES, DataError, check_columns
+from .data import FEATURES, DataError, cannot_write, check_columns, check_output, csv_header, csv_safe, remove_stale, replace_file, temp_file
 from .store import Missing, S3Store, open_store, parse_s3_uri
 
 # %% ../nbs/07_scoring.ipynb #787ae8cf
@@ -77,16 +77,6 @@ def columns_to_read(names, id_column, where):
     return [c for c in names if c in FEATURES or c == id_column]
 
 # %% ../nbs/07_scoring.ipynb #ef9830e7
-def _csv_header(path, where):
-    "Column names on the first line of CSV `path`."
-    try:
-        with open(path, 'rb') as f: first = f.readline()
-    except FileNotFoundError: raise DataError(f"{where}: no such file") from None
-    except IsADirectoryError: raise DataError(f"{where}: is a directory, not a file") from None
-    if not first.strip(): raise DataError(f"{where}: file is empty")
-    try: return [c.strip().strip('"') for c in first.decode().rstrip('\r\n').split(',')]
-    except UnicodeDecodeError: raise DataError(f"{where}: not a readable CSV (the header is not text)") from None
-
 def _line_of(path, text):
     "Line number (header = 1) of the first line of `path` that reads `text`, or '?'."
     with open(path, 'rb') as f:
@@ -96,7 +86,7 @@ def _line_of(path, text):
 
 def _csv_batches(path, where, rows, id_column):
     "Arrow batches of CSV `path` with the feature columns as text; a malformed line is a `DataError`."
-    keep = columns_to_read(_csv_header(path, where), id_column, where)
+    keep = columns_to_read(csv_header(path, where), id_column, where)
     ragged = []
     def invalid(row): ragged.append(row); return 'error'
     try:
@@ -219,32 +209,48 @@ def local_input(uri):
         except Missing: raise DataError(f"{uri}: no such object") from None
         yield path
 
-def publish(tmp_path, dest):
-    "Move finished file `tmp_path` to local path or `s3://` URI `dest` (uploaded, then the temporary file removed)."
-    if not is_s3(dest): os.replace(tmp_path, dest); return
-    store, key = s3_object(dest)
-    try: store.put_file(key, tmp_path)
-    finally: Path(tmp_path).unlink(missing_ok=True)
+def sidecar(output): return f'{output}.bad_rows.csv'
 
-def temporary_output(dest):
-    "A temporary path for `dest`: beside it when local (so the rename is atomic), else in the temp folder."
-    name = Path(parse_s3_uri(dest)[1] if is_s3(dest) else dest).name
-    folder = Path(tempfile.gettempdir()) if is_s3(dest) else Path(dest).absolute().parent
-    if not folder.is_dir(): raise DataError(f"{dest}: folder {folder} does not exist")
-    return folder/f'.{name}.{secrets.token_hex(4)}.tmp'
+def check_paths(input, output):
+    "Raise `DataError` if `output` or its bad-rows sidecar is `input` (also through a link), or an existing folder."
+    for dest in (output, sidecar(output)):
+        if not is_s3(dest): check_output(dest, None if is_s3(input) else input)
+        elif is_s3(input) and parse_s3_uri(dest) == parse_s3_uri(input): raise DataError(f"{dest}: is the input itself; write to another object")
+
+def _temp_place(dest): return (parse_s3_uri(dest)[1], tempfile.gettempdir()) if is_s3(dest) else (dest, None)
+
+@contextmanager
+def output_file(dest):
+    "A temporary local file for `dest` (a path or `s3://` URI), published onto it when the block ends without error (`data.temp_file`)."
+    with temp_file(*_temp_place(dest)) as tmp:
+        yield tmp
+        if not is_s3(dest): replace_file(tmp, dest)
+        else: store, key = s3_object(dest); store.put_file(key, tmp)
+
+def remove_output(dest):
+    "Delete local file or `s3://` object `dest` if it is there, and its temporary files left by killed jobs."
+    remove_stale(*_temp_place(dest))
+    if is_s3(dest): store, key = s3_object(dest); return store.delete(key)
+    try: Path(dest).unlink(missing_ok=True)
+    except OSError as e: raise cannot_write(dest, e) from None
 
 # %% ../nbs/07_scoring.ipynb #5955ddb5
 class AnswerWriter:
-    "Append answer tables to the CSV or Parquet file `path`; `close` finishes it."
-    def __init__(self, path, fmt): self.path, self.fmt, self.writer, self.rows = path, fmt, None, 0
+    "Append answer tables to the CSV or Parquet file `path`; `close` (or `with`) finishes it; an `OSError` is `cannot_write(dest)`."
+    def __init__(self, path, fmt, dest=None): self.path, self.fmt, self.dest, self.writer, self.rows = path, fmt, dest or path, None, 0
     def write(self, table):
-        if self.writer is None:
-            self.schema = (table.schema if self.fmt == 'parquet' else   # CSV holds the labels as plain text
-                           pa.schema([pa.field(f.name, pa.string()) if pa.types.is_dictionary(f.type) else f for f in table.schema]))
-            self.writer = (pq.ParquetWriter if self.fmt == 'parquet' else pcsv.CSVWriter)(self.path, self.schema)
-        self.writer.write_table(table if self.fmt == 'parquet' else table.cast(self.schema)); self.rows += table.num_rows
+        try:
+            if self.writer is None:
+                self.schema = (table.schema if self.fmt == 'parquet' else   # CSV holds the labels as plain text
+                               pa.schema([pa.field(f.name, pa.string()) if pa.types.is_dictionary(f.type) else f for f in table.schema]))
+                self.writer = (pq.ParquetWriter if self.fmt == 'parquet' else pcsv.CSVWriter)(self.path, self.schema)
+            self.writer.write_table(table if self.fmt == 'parquet' else csv_safe(table).cast(self.schema)); self.rows += table.num_rows
+        except OSError as e: raise cannot_write(self.dest, e) from None
     def close(self):
-        if self.writer is not None: self.writer.close()
+        try: self.writer is None or self.writer.close()
+        except OSError as e: raise cannot_write(self.dest, e) from None
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
 
 # %% ../nbs/07_scoring.ipynb #736c4e5a
 class BadRows(DataError):
@@ -259,11 +265,9 @@ def describe_bad_rows(rows, limit=5):
     more = f'; and {len(items) - limit} more' if len(items) > limit else ''
     return '; '.join(f'row {r}: {why}' for r, why in items[:limit]) + more
 
-def sidecar(output): return f'{output}.bad_rows.csv'
-
-def _write_bad_rows(rows, path):
-    "CSV of (row, reason) at local `path`."
-    pcsv.write_csv(pa.table({'row': pa.array(sorted(rows), pa.int64()), 'reason': [rows[r] for r in sorted(rows)]}), path)
+def _write_bad_rows(rows, path, dest):
+    "CSV of (row, reason) at local `path`, for `dest`."
+    with AnswerWriter(path, 'csv', dest) as w: w.write(pa.table({'row': pa.array(sorted(rows), pa.int64()), 'reason': [rows[r] for r in sorted(rows)]}))
 
 # %% ../nbs/07_scoring.ipynb #ba983af5
 def local_engine(chunks, served, id_column=ID_COLUMN):
@@ -286,10 +290,11 @@ def score_file(input, output, store=None, version=None, on_error='skip', rows=No
     if engine not in ('local', 'dask'): raise DataError(f"engine must be 'local' or 'dask', not {engine!r}")
     fmt, rows, start, where = file_format(output), chunk_rows(rows), time.perf_counter(), str(input)
     parquet_input = file_format(input) == 'parquet'
-    tmp, bad, seen = temporary_output(output), {}, 0
-    writer = AnswerWriter(tmp, fmt)
-    try:
+    check_paths(input, output)
+    bad, seen = {}, 0
+    with output_file(output) as tmp:
         with ExitStack() as job:
+            writer = job.enter_context(AnswerWriter(tmp, fmt, output))   # finished before the output is published
             if engine == 'local':
                 path = job.enter_context(local_input(input))
                 read = job.enter_context(ReadAhead(chunk_features(t, id_column) for t in read_chunks(path, rows, id_column, where)))
@@ -306,12 +311,9 @@ def score_file(input, output, store=None, version=None, on_error='skip', rows=No
                     bad.update(found)
                 writer.write(out); seen += n; bar.update(n)
         if seen == 0: raise DataError(f"{where}: no rows")
-        writer.close()
-        if bad:
-            side = temporary_output(sidecar(output)); _write_bad_rows(bad, side); publish(side, sidecar(output))
-        publish(tmp, output)
-    finally:
-        writer.close(); Path(tmp).unlink(missing_ok=True)
+        if not bad: remove_output(sidecar(output))   # an earlier run's bad rows are not this output's
+        else:
+            with output_file(sidecar(output)) as side: _write_bad_rows(bad, side, sidecar(output))
     if bad and not quiet: print(f"{len(bad)} bad row(s) skipped ({describe_bad_rows(bad)}); all listed in {sidecar(output)}", file=sys.stderr)
     return {'input': where, 'output': str(output), 'rows': seen, 'scored': seen - len(bad), 'bad_rows': len(bad),
             'bad_rows_file': sidecar(output) if bad else None, 'model_version': served.version, 'runtime': served.runtime,
@@ -367,7 +369,7 @@ def _dask_frame(path, rows, id_column, where):
     if is_s3(path): raise DataError(f"{where}: the Dask engine reads s3:// input as Parquet; convert the CSV, "
                                     "or score it with the local engine (which streams it through boto3)")
     return dd.read_csv(str(path), blocksize=max(1 << 20, rows * 330), dtype={c: object for c in FEATURES},
-                       keep_default_na=False, usecols=columns_to_read(_csv_header(path, where), id_column, where))
+                       keep_default_na=False, usecols=columns_to_read(csv_header(path, where), id_column, where))
 
 # %% ../nbs/07_scoring.ipynb #7c29983d
 def _readable(results, where):

@@ -91,8 +91,8 @@ def test_bad_files_and_a_missing_model_are_clear_errors(cli, store, add_champion
                          (tmp_path/'x.json', 'cannot tell the format')]:
         r = cli('score', src, tmp_path/'o.csv', '--store', store.root)
         assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, (src, r.stderr)
-    r = cli('score', d/'ci.csv', tmp_path/'o.csv', '--store', store.root, '--version', 'nope')
-    assert r.returncode == 4 and 'version nope not found' in r.stderr
+    r = cli('score', d/'ci.csv', tmp_path/'o.csv', '--store', store.root, '--version', '20200101T000000.000Z-000000')
+    assert r.returncode == 4 and 'version 20200101T000000.000Z-000000 not found' in r.stderr
     assert not (tmp_path/'o.csv').exists() and not [p for p in tmp_path.iterdir() if p.name.startswith('.')]
 
 
