@@ -3,12 +3,15 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+LINT_VENV ?= .venv-lint
+CHECKOV_VERSION := 3.3.30
+LINT_STAMP := $(LINT_VENV)/.checkov-$(CHECKOV_VERSION)
 DATA    ?= data/creditcard.csv
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 export FRAUD_MLOPS_STORE ?= registry
 
-.PHONY: help install data train promote serve run test test-fast lint lab bench bench-scale bench-quality clean
+.PHONY: help install data train promote serve run test test-fast lint lint-tools lab bench bench-scale bench-quality clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -48,10 +51,20 @@ test-fast: install ## the inner loop: pytest without the tests marked slow or ne
 	$(BIN)/pytest -q -m "not slow and not network" tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here"; exit 1; fi; exit $$rc
 
-lint: install ## actionlint (with shellcheck), hadolint and cfn-lint on the workflow, Dockerfiles and stack (also run by make test)
+lint: install lint-tools ## actionlint (with shellcheck), hadolint, cfn-lint and checkov on the workflow, Dockerfiles and stack
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/actionlint .github/workflows/ci-cd.yml
 	$(BIN)/hadolint --failure-threshold info Dockerfile-inference Dockerfile-training
 	$(BIN)/cfn-lint .aws/cloudformation.yml --include-checks I
+	$(LINT_VENV)/bin/checkov --quiet --compact --skip-download --framework cloudformation --file .aws/cloudformation.yml
+
+lint-tools: $(LINT_STAMP) ## checkov in its own virtualenv $(LINT_VENV): its many pins stay out of .venv
+
+$(LINT_STAMP):
+	rm -rf $(LINT_VENV)
+	$(PY) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LINT_VENV)/bin/python -m pip install --quiet 'checkov==$(CHECKOV_VERSION)'
+	touch $@
 
 bench: install ## load-test the API on 127.0.0.1 against the seed's way of serving and a no-model ceiling (needs wrk)
 	$(BIN)/python bench/serve_bench.py $(if $(MODEL),--model $(MODEL))

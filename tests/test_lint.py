@@ -1,8 +1,11 @@
 """The delivery files checked offline: actionlint (with shellcheck for `run:` scripts) on the workflow, hadolint on
-both Dockerfiles, cfn-lint on the CloudFormation template, all installed from PyPI by `make install`; each linter is
-also shown a known-bad file, so a linter that silently checks nothing fails here. Then the contracts between the
-files: the same health check, port and shutdown budget in image, task definition and load balancer."""
+both Dockerfiles, cfn-lint on the CloudFormation template, all installed from PyPI by `make install`; checkov on the
+template from its own virtualenv (`make lint-tools`; `make lint` and CI run it). Each linter is also shown a known-bad
+file, so a linter that silently checks nothing fails here. Then the contracts between the files: the same health check,
+port and shutdown budget in image, task definition and load balancer; only the public routes forwarded; the private
+signing key in the training task only."""
 import json, os, re, subprocess, sys
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import pytest
@@ -61,6 +64,36 @@ def test_cfn_lint_reports_a_bad_template(tmp_path):
     assert code == 2 and 'E3002' in out and "'Versioning' was unexpected" in out
 
 
+# checkov pins many packages of its own, so it lives in .venv-lint (`make lint-tools`), not in .venv
+CHECKOV = ROOT/'.venv-lint'/'bin'/'checkov'
+needs_checkov = pytest.mark.skipif(not CHECKOV.exists(), reason='checkov lives in .venv-lint: `make lint` makes it (CI runs it)')
+
+
+def checkov(path):
+    "checkov's CloudFormation results for `path`, offline, as parsed JSON."
+    r = subprocess.run([CHECKOV, '--framework', 'cloudformation', '--file', path, '--output', 'json', '--skip-download'],
+                       capture_output=True, text=True, cwd=ROOT)
+    return r.returncode, json.loads(r.stdout)
+
+
+@needs_checkov
+def test_checkov_passes_and_every_skip_says_why():
+    code, out = checkov(TEMPLATE)
+    assert code == 0 and out['summary']['failed'] == 0 and out['summary']['passed'] > 90, out['summary']
+    skipped = {(c['check_id'], c['resource']): c.get('check_result', {}).get('suppress_comment', '')
+               for c in out['results']['skipped_checks']}
+    assert skipped and all(len(reason) > 20 for reason in skipped.values()), skipped
+    assert {check for check, _ in skipped} == {'CKV_AWS_2', 'CKV_AWS_103', 'CKV_AWS_18', 'CKV_AWS_260'}
+
+
+@needs_checkov
+def test_checkov_reports_a_bad_template(tmp_path):
+    bad = tmp_path/'bad.yml'
+    bad.write_text('Resources:\n  Repo:\n    Type: AWS::ECR::Repository\n    Properties:\n      ImageTagMutability: MUTABLE\n')
+    code, out = checkov(bad)
+    assert code == 1 and {'CKV_AWS_51', 'CKV_AWS_136'} <= {c['check_id'] for c in out['results']['failed_checks']}
+
+
 # --- the workflow's shape
 
 def workflow():
@@ -77,7 +110,7 @@ def test_prs_run_make_test_and_only_main_reaches_aws():
     triggers = wf[True]                                         # YAML 1.1 reads the key `on` as true
     assert set(triggers) == {'pull_request', 'push'} and triggers['push']['branches'] == ['main']
     test_steps = wf['jobs']['test']['steps']
-    assert 'make test' in [s.get('run') for s in test_steps]
+    assert {'make lint', 'make test'} <= {s.get('run') for s in test_steps}
     assert wf['permissions'] == {'contents': 'read'} and 'permissions' not in wf['jobs']['test']
     images = wf['jobs']['images']
     assert images['needs'] == 'test' and images['permissions']['id-token'] == 'write'
@@ -147,3 +180,76 @@ def test_the_api_reads_only_the_model_prefix_and_training_writes_it():
         p = r[repo]['Properties']
         assert p['ImageScanningConfiguration'] == {'ScanOnPush': True} and json.loads(p['LifecyclePolicy']['LifecyclePolicyText'])
     assert all(r[g]['Properties']['RetentionInDays'] == {'Ref': 'LogRetentionDays'} for g in ('ApiLogGroup', 'TrainingLogGroup'))
+
+
+# --- the load balancer: the public routes forwarded, 403 for everything else
+
+PUBLIC_PATTERNS = {'/', '/predict', '/predict/batch', '/health/*', '/docs', '/docs/*', '/openapi.json'}
+
+
+def forwarded_patterns(r):
+    "{listener rule: its path patterns} of the rules that forward to the API."
+    return {name: set(c['PathPatternConfig']['Values']) for name, res in r.items()
+            if res['Type'] == 'AWS::ElasticLoadBalancingV2::ListenerRule'
+            for c in res['Properties']['Conditions'] if c['Field'] == 'path-pattern'
+            if res['Properties']['Actions'] == [{'Type': 'forward', 'TargetGroupArn': {'Ref': 'ApiTargetGroup'}}]}
+
+
+def test_only_the_public_routes_reach_the_api_and_the_rest_get_403():
+    r = template()['Resources']
+    forbidden = {'Type': 'fixed-response', 'FixedResponseConfig': {'StatusCode': '403', 'ContentType': 'application/json',
+                                                                   'MessageBody': '{"detail": "not a public route of this API"}'}}
+    redirect = {'Type': 'redirect', 'RedirectConfig': {'Protocol': 'HTTPS', 'Port': '443', 'StatusCode': 'HTTP_301'}}
+    assert r['HttpListener']['Properties']['DefaultActions'] == [{'Fn::If': ['HasCertificate', redirect, forbidden]}]
+    assert r['HttpsListener']['Properties']['DefaultActions'] == [forbidden]
+    assert r['HttpsListener']['Properties']['SslPolicy'].startswith('ELBSecurityPolicy-TLS13-1-2')
+    rules = forwarded_patterns(r)
+    assert set().union(*rules.values()) == PUBLIC_PATTERNS and all(len(v) <= 5 for v in rules.values())   # ALB: 5 values a rule
+    on = {'Fn::If': ['HasCertificate', {'Ref': 'HttpsListener'}, {'Ref': 'HttpListener'}]}
+    forwarding = [res for res in r.values() if res['Type'] == 'AWS::ElasticLoadBalancingV2::ListenerRule']
+    assert len(forwarding) == len(rules) and all(res['Properties']['ListenerArn'] == on for res in forwarding)
+    assert set(r['ApiService']['DependsOn']) == set(rules)   # the target group is attached before ECS registers targets
+
+
+def test_the_patterns_forward_exactly_the_public_routes_of_the_app():
+    from fraud_mlops.serving import create_app
+    paths = {route.path for route in create_app().routes}
+    # ALB path patterns: case-sensitive, `*` any characters (`/` included), `?` one character: fnmatchcase without [..]
+    patterns = set().union(*forwarded_patterns(template()['Resources']).values())
+    assert not any('[' in p for p in patterns)
+    forwarded = {p for p in paths if any(fnmatchcase(p, pat) for pat in patterns)}
+    assert forwarded == {'/', '/predict', '/predict/batch', '/health/live', '/health/ready', '/docs', '/docs/oauth2-redirect',
+                         '/openapi.json'}
+    assert paths - forwarded >= {'/reload', '/model', '/metrics'}   # a new route is private until a rule names it
+    for private in ('/reload', '/model', '/metrics', '/labels', '/Predict', '/predict/batch/x', '/healthz', '/redoc'):
+        assert not any(fnmatchcase(private, pat) for pat in patterns), private
+
+
+# --- the signing keys: private in the training task only, public in both
+
+def test_the_api_never_holds_the_private_signing_key():
+    api, = json.loads(TASK_DEFINITION.read_text())['containerDefinitions']
+    names = {e['name'] for e in api['environment'] + api['secrets']}
+    assert 'FRAUD_MLOPS_SIGNING_KEY' not in names and 'FRAUD_MLOPS_PUBLIC_KEYS' in {e['name'] for e in api['environment']}
+    r = template()['Resources']
+    training, = r['TrainingTaskDefinition']['Properties']['ContainerDefinitions']
+    assert training['Secrets'] == [{'Name': 'FRAUD_MLOPS_SIGNING_KEY', 'ValueFrom': {'Ref': 'SigningKeySecretArn'}}]
+    assert {'Name': 'FRAUD_MLOPS_PUBLIC_KEYS', 'Value': {'Ref': 'SigningPublicKeys'}} in training['Environment']
+    assert r['TrainingTaskDefinition']['Properties']['ExecutionRoleArn'] == {'Fn::GetAtt': ['TrainingExecutionRole', 'Arn']}
+
+    def readable_secrets(role):
+        return [s['Resource'] for p in r[role]['Properties']['Policies'] for s in p['PolicyDocument']['Statement']
+                if s['Action'] == 'secretsmanager:GetSecretValue']
+    assert readable_secrets('TaskExecutionRole') == [{'Ref': 'AdminToken'}]       # the API's tasks cannot fetch the private key
+    assert readable_secrets('TrainingExecutionRole') == [{'Ref': 'SigningKeySecretArn'}]
+    assert 'secretsmanager' not in json.dumps(r['DeployRole']['Properties']['Policies'])   # nor can the GitHub deploy role
+    assert template()['Outputs']['SigningPublicKeys'] == {'Value': {'Ref': 'SigningPublicKeys'}}
+
+
+def test_the_schedule_runs_an_immutable_image():
+    r = template()['Resources']
+    assert all(r[repo]['Properties']['ImageTagMutability'] == 'IMMUTABLE' for repo in ('ApiRepository', 'TrainingRepository'))
+    training, = r['TrainingTaskDefinition']['Properties']['ContainerDefinitions']
+    assert 'latest' not in json.dumps(training['Image']) and ':latest' not in WORKFLOW.read_text()
+    deploy, = [s['run'] for s in workflow()['jobs']['images']['steps'] if 'fraud-mlops deploy' in str(s.get('run', ''))]
+    assert '--training-image "$TRAINING"' in deploy
