@@ -1,6 +1,7 @@
 """The registry on S3: unit tests under moto's `mock_aws`, integration tests against a moto server over HTTP
 (papermill training, promotion, rollback, two promoters racing, tampered bundles, the API serving from S3)."""
 import io, json, os, socket, subprocess, sys, threading, time
+from pathlib import Path
 
 import httpx
 import joblib
@@ -15,6 +16,7 @@ from fraud_mlops.modelling import features_and_labels
 from fraud_mlops.promotion import promote, rollback
 from fraud_mlops.registry import (decided_versions, list_decisions, list_versions, load_champion, load_manifest, model_statuses,
                                   read_champion, save_version)
+from fraud_mlops.signing import new_key_pair, public_text, signed, signing_key
 from fraud_mlops.store import IntegrityError, S3Store, StoreError, open_store, request_log, sha256_hex
 
 TOKEN = 'test-admin-token'
@@ -36,6 +38,21 @@ def weak(parts):
 @pytest.fixture(scope='module')
 def good(parts):
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(parts[0], parts[1])
+
+
+class Payload:
+    "A pickle that runs code when it is loaded: it creates the file `marker` (what an attacker's shell command would do)."
+    def __init__(self, marker): self.marker = marker
+    def __reduce__(self): return (Path.touch, (Path(self.marker),))
+
+
+def crafted(store, version, marker):
+    "Replace `version`'s model with a `Payload` pickle and fix the SHA-256 in its manifest, as someone who can write the store can."
+    evil = io.BytesIO(); joblib.dump(Payload(marker), evil); evil = evil.getvalue()
+    m = json.loads(store.get(f'versions/{version}/manifest.json'))
+    store.put(f'versions/{version}/model.joblib', evil)
+    store.put(f'versions/{version}/manifest.json', json.dumps({**m, 'model': {**m['model'], 'sha256': sha256_hex(evil)}}).encode())
+    return evil
 
 
 def bundle(store, model, parts, threshold=0.5):
@@ -91,13 +108,14 @@ def test_a_pointer_to_a_missing_version_is_reported_and_rollback_repairs_it(mock
     from fraud_mlops.serving import next_model
     s = open_store(mock_s3_uri, create=True)
     old = bundle(s, weak, parts); promote(s, notify=False)
-    s.put('champion.json', json.dumps({'version': 'ghost', 'previous': old}).encode())
+    ghost = '20200101T000000.000Z-abcdef'
+    s.put('champion.json', json.dumps(signed({'version': ghost, 'previous': old, 'sequence': 2})).encode())
     for load in (lambda: load_champion(s), lambda: next_model(mock_s3_uri)):
-        with pytest.raises(StoreError, match='champion.json in store s3://fraud-models/registry names version ghost, which is not in the store'):
+        with pytest.raises(StoreError, match=f'champion.json in store s3://fraud-models/registry names version {ghost}, which is not in the store'):
             load()
     bundle(s, good, parts)
-    with pytest.raises(StoreError, match='version ghost not found'): promote(s, notify=False)
-    assert read_champion(s)[0]['version'] == 'ghost' and len(list_decisions(s)) == 1
+    with pytest.raises(StoreError, match=f'version {ghost} not found'): promote(s, notify=False)
+    assert read_champion(s)[0]['version'] == ghost and len(list_decisions(s)) == 1
     assert rollback(s, notify=False)['candidate'] == old
     assert load_champion(s)[1]['version'] == old
 
@@ -123,23 +141,31 @@ def test_a_manifest_that_is_not_json_is_an_integrity_error(mock_s3_uri, parts, g
         with pytest.raises(IntegrityError, match=f'manifest of version {v} is not valid JSON'): f()
 
 
-def test_signed_bundles_on_s3_refuse_unsigned_and_tampered_ones(mock_s3_uri, parts, weak, good, monkeypatch):
+def test_bundles_are_signed_by_default_and_unsigned_tampered_or_foreign_ones_never_unpickled(mock_s3_uri, parts, weak, good,
+                                                                                          monkeypatch, tmp_path):
     s = open_store(mock_s3_uri, create=True)
-    unsigned = bundle(s, weak, parts)
-    monkeypatch.setenv('FRAUD_MLOPS_SIGNING_KEY', 'a-long-random-test-key')
-    signed = bundle(s, good, parts)
-    assert load_manifest(s, signed)['signature']['algorithm'] == 'HMAC-SHA256'
-    with pytest.raises(IntegrityError, match=f'manifest of version {unsigned} is not signed'): promote(s, unsigned, notify=False)
-    assert promote(s, signed, notify=False)['decision'] == 'promoted'
-    # someone with write access but no key swaps the model and fixes the SHA-256 in the manifest
-    evil = io.BytesIO(); joblib.dump(weak, evil); evil = evil.getvalue()
-    m = json.loads(s.get(f'versions/{signed}/manifest.json'))
-    s.put(f'versions/{signed}/model.joblib', evil)
-    s.put(f'versions/{signed}/manifest.json', json.dumps({**m, 'model': {**m['model'], 'sha256': sha256_hex(evil)}}).encode())
-    with pytest.raises(IntegrityError, match='modified after signing'): load_champion(s)
-    assert {r['version']: r['signature'] for r in model_statuses(s)} == {unsigned: 'unsigned', signed: 'invalid'}
-    monkeypatch.setenv('FRAUD_MLOPS_SIGNING_KEY', 'another-key')
-    with pytest.raises(IntegrityError, match='signed with another key'): load_champion(s)
+    v = bundle(s, good, parts)
+    assert load_manifest(s, v)['signature']['algorithm'] == 'Ed25519'          # no setting needed: signing is on by default
+    u = bundle(s, weak, parts)                                                   # someone without the key writes a bundle
+    m = json.loads(s.get(f'versions/{u}/manifest.json')); del m['signature']
+    s.put(f'versions/{u}/manifest.json', json.dumps(m).encode())
+    with pytest.raises(IntegrityError, match=f'manifest of version {u} is not signed: refusing it'): promote(s, u, notify=False)
+    assert promote(s, v, notify=False)['decision'] == 'promoted'
+    marker = tmp_path/'payload-ran'
+    evil = crafted(s, v, marker)                                                  # the model swapped for a crafted pickle
+    joblib.load(io.BytesIO(evil)); assert marker.exists(); marker.unlink()        # the payload is real: loading it runs it
+    with pytest.raises(IntegrityError, match=f'manifest of version {v} does not match its signature by key'): load_champion(s)
+    assert not marker.exists()                                                    # refused before anything was unpickled
+    pem, pub = new_key_pair()
+    monkeypatch.setenv('FRAUD_MLOPS_SIGNING_KEY', pem)                            # another environment's key
+    foreign = bundle(s, good, parts)
+    with pytest.raises(IntegrityError, match='which is not trusted here'): load_manifest(s, foreign)
+    assert {r['version']: r['signature'] for r in model_statuses(s)} == {v: 'invalid', u: 'unsigned', foreign: 'untrusted'}
+    monkeypatch.delenv('FRAUD_MLOPS_SIGNING_KEY')
+    monkeypatch.setenv('FRAUD_MLOPS_PUBLIC_KEYS', f'{public_text(signing_key())},{pub}')   # a rotation: both keys trusted
+    assert load_manifest(s, foreign)['version'] == foreign
+    monkeypatch.setenv('FRAUD_MLOPS_INSECURE_ALLOW_UNSIGNED', '1')               # the loudly named opt-out loads anything
+    assert load_manifest(s, u)['version'] == u
 
 
 def test_no_credentials_is_a_clear_error(aws_env, free_port, tmp_path):
@@ -275,37 +301,33 @@ def test_two_concurrent_promoters_exactly_one_wins_and_the_other_changes_nothing
 
 
 @pytest.mark.slow
-def test_tampered_bundles_are_refused_by_promotion_and_by_the_api(cli, example_request, s3_uri, parts, weak, good, monkeypatch):
+def test_tampered_bundles_are_refused_by_promotion_and_by_the_api(cli, example_request, s3_uri, parts, weak, good, monkeypatch,
+                                                                  tmp_path):
     from fastapi.testclient import TestClient
     from fraud_mlops.serving import app
-    monkeypatch.setenv('FRAUD_MLOPS_SIGNING_KEY', 'a-long-random-test-key')
     monkeypatch.setenv('FRAUD_MLOPS_STORE', s3_uri); monkeypatch.setenv('FRAUD_MLOPS_ADMIN_TOKEN', TOKEN)
     store = open_store(s3_uri, create=True)
     v = bundle(store, good, parts); assert cli('promote', '--no-notify').returncode == 0
     with TestClient(app) as c:
         assert c.post('/predict', json=example_request).json()['model_version'] == v
-        assert c.get('/model').json()['signature']['algorithm'] == 'HMAC-SHA256'
-    # an attacker swaps in another pickle and fixes the SHA-256 in the manifest; without the key the signature cannot follow
-    evil = io.BytesIO(); joblib.dump(weak, evil); evil = evil.getvalue()
-    m = load_manifest(store, v)
-    store.put(f'versions/{v}/model.joblib', evil)
-    store.put(f'versions/{v}/manifest.json', json.dumps({**m, 'model': {**m['model'], 'sha256': sha256_hex(evil)}}).encode())
+        assert c.get('/model').json()['signature']['algorithm'] == 'Ed25519'
+    marker = tmp_path/'payload-ran'
+    crafted(store, v, marker)         # an attacker swaps in a crafted pickle and fixes the SHA-256; the signature cannot follow
     with TestClient(app) as c:
         r = c.get('/health/ready')
-        assert r.status_code == 503 and 'modified after signing' in r.json()['detail']
+        assert r.status_code == 503 and 'changed after signing' in r.json()['detail']
     bundle(store, good, parts)
     r = cli('promote', '--no-notify')
-    assert r.returncode == 4 and f'signature of the manifest of version {v} does not match' in r.stderr
+    assert r.returncode == 4 and f'manifest of version {v} does not match its signature' in r.stderr
     assert 'invalid' in cli('models').stdout
-    r = cli('models', env={'FRAUD_MLOPS_SIGNING_KEY': ''})                  # without the key nothing is checked
-    assert r.returncode == 0 and 'signed' in r.stdout
+    assert not marker.exists()
 
 
-def test_one_promotion_makes_twelve_requests(s3_uri, parts, weak, good):
+def test_one_promotion_makes_thirteen_requests(s3_uri, parts, weak, good):
     store = open_store(s3_uri, create=True)
     champ = bundle(store, weak, parts); promote(store, notify=False)
     cand = bundle(store, good, parts)
-    tag = read_champion(store)[1]
+    pointer, tag = read_champion(store)
     log = request_log(store)
     start = time.perf_counter(); d = promote(store, notify=False); seconds = time.perf_counter() - start
     assert d['decision'] == 'promoted'
@@ -313,8 +335,8 @@ def test_one_promotion_makes_twelve_requests(s3_uri, parts, weak, good):
     assert log == [('GetObject', 'champion.json', {}), ('ListObjectsV2', 'decisions/', {}), ('ListObjectsV2', 'versions/', {}),
                    ('GetObject', c + 'manifest.json', {}), ('GetObject', c + 'model.joblib', {}), ('GetObject', c + 'eval.npz', {}),
                    ('GetObject', k + 'manifest.json', {}), ('GetObject', k + 'model.joblib', {}), ('GetObject', k + 'eval.npz', {}),
-                   ('GetObject', c + 'manifest.json', {}), ('PutObject', 'champion.json', {'IfMatch': tag}),
-                   ('PutObject', d['log'], {'IfNoneMatch': '*'})]
+                   ('GetObject', c + 'manifest.json', {}), ('HeadObject', pointer['decision_log'], {}),
+                   ('PutObject', 'champion.json', {'IfMatch': tag}), ('PutObject', d['log'], {'IfNoneMatch': '*'})]
     print(f'one promotion against the moto server: {len(log)} requests, {seconds * 1000:.0f} ms')
 
 
