@@ -129,6 +129,8 @@ def test_s3_input_and_output_through_a_moto_server(cli, s3_uri, s3_champion, inp
     assert r.returncode == 2 and f's3://{bucket}/in/nope.csv: no such object' in r.stderr
     keys = [o['Key'] for o in s3.list_objects_v2(Bucket=bucket, Prefix='out/')['Contents']]
     assert keys == ['out/bad.csv', 'out/bad.csv.bad_rows.csv', 'out/ci.parquet']
+    r = cli('score', f's3://{bucket}/in/ci.csv', f's3://{bucket}/out/bad.csv', '--store', s3_uri)   # clean now: the old list goes
+    assert r.returncode == 0 and [o['Key'] for o in s3.list_objects_v2(Bucket=bucket, Prefix='out/')['Contents']] == ['out/bad.csv', 'out/ci.parquet']
 
 
 # ---------------------------------------------------------------- the Dask engine: 2 worker processes on 127.0.0.1
