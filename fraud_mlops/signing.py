@@ -161,9 +161,12 @@ def signing_key(cfg=None):
 
 # %% ../nbs/01d_signing.ipynb #3e1d346c
 def trusted_keys(cfg=None):
-    "{key id: public key} that verification trusts (settings `cfg`): `FRAUD_MLOPS_PUBLIC_KEYS`, else the key folder's."
+    "{key id: public key} that verification trusts (settings `cfg`): `FRAUD_MLOPS_PUBLIC_KEYS`, else the key folder's and the signing key's."
     cfg = cfg or settings()
-    return read_public_keys(cfg.public_keys) if cfg.public_keys else local_public_keys(cfg.key_dir)
+    if cfg.public_keys: return read_public_keys(cfg.public_keys)
+    keys = local_public_keys(cfg.key_dir)
+    if cfg.signing_key: mine = read_private_key(cfg.signing_key).public_key(); keys[key_id(mine)] = mine   # a signer trusts itself
+    return keys
 
 # %% ../nbs/01d_signing.ipynb #c0812f0b
 def signed(doc, cfg=None):
