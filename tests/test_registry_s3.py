@@ -159,9 +159,9 @@ def test_bundles_are_signed_by_default_and_unsigned_tampered_or_foreign_ones_nev
     pem, pub = new_key_pair()
     monkeypatch.setenv('FRAUD_MLOPS_SIGNING_KEY', pem)                            # another environment's key
     foreign = bundle(s, good, parts)
+    monkeypatch.delenv('FRAUD_MLOPS_SIGNING_KEY')                               # back on this machine, which does not trust that key
     with pytest.raises(IntegrityError, match='which is not trusted here'): load_manifest(s, foreign)
     assert {r['version']: r['signature'] for r in model_statuses(s)} == {v: 'invalid', u: 'unsigned', foreign: 'untrusted'}
-    monkeypatch.delenv('FRAUD_MLOPS_SIGNING_KEY')
     monkeypatch.setenv('FRAUD_MLOPS_PUBLIC_KEYS', f'{public_text(signing_key())},{pub}')   # a rotation: both keys trusted
     assert load_manifest(s, foreign)['version'] == foreign
     monkeypatch.setenv('FRAUD_MLOPS_INSECURE_ALLOW_UNSIGNED', '1')               # the loudly named opt-out loads anything
