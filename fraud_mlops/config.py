@@ -125,8 +125,12 @@ VARS = {
                    '`$XDG_CONFIG_HOME/fraud-mlops/keys`, else `~/.config/fraud-mlops/keys`'),
     'insecure_unsigned': Var('FRAUD_MLOPS_INSECURE_ALLOW_UNSIGNED', flag, False, 'INSECURE: load unsigned or unverifiable models and '
                              'pointers, so anyone who can write to the store runs code in the API; for experiments only'),
-    'max_batch': Var('FRAUD_MLOPS_MAX_BATCH', count, 100_000, 'most rows `POST /predict/batch` takes in one request'),
-    'max_body_bytes': Var('FRAUD_MLOPS_MAX_BODY_BYTES', count, 64 << 20, 'largest request body the API reads, in bytes'),
+    'max_batch': Var('FRAUD_MLOPS_MAX_BATCH', count, 20_000, 'most rows `POST /predict/batch` takes in one request'),
+    'max_body_bytes': Var('FRAUD_MLOPS_MAX_BODY_BYTES', count, 16 << 20, 'largest request body the API reads, in bytes'),
+    'large_batches': Var('FRAUD_MLOPS_LARGE_BATCHES', count, 1, 'batch bodies over 1 MiB one API worker takes at a time; more get 503 with Retry-After'),
+    'body_timeout': Var('FRAUD_MLOPS_BODY_TIMEOUT', timeout, 30.0, 'seconds a client has to send a request body; then 408 and the connection closes'),
+    'header_timeout': Var('FRAUD_MLOPS_HEADER_TIMEOUT', timeout, 10.0, 'seconds a client has to send request headers (uvicorn `--http fraud_mlops.api:GuardedHTTP`)'),
+    'reload_timeout': Var('FRAUD_MLOPS_RELOAD_TIMEOUT', timeout, 4.0, 'seconds `POST /reload` waits for the store before answering 503 (the check goes on)'),
     'poll_seconds': Var('FRAUD_MLOPS_POLL_SECONDS', seconds, 10.0, 'how often each API worker checks the champion pointer; 0 turns polling off'),
     'access_log': Var('FRAUD_MLOPS_ACCESS_LOG', flag, True, "the API's JSON access log, one line a request"),
     'log_features': Var('FRAUD_MLOPS_LOG_FEATURES', flag, False, 'put the 30 features of each request in the access log'),
@@ -158,6 +162,10 @@ class Settings:
     insecure_unsigned: bool
     max_batch: int
     max_body_bytes: int
+    large_batches: int
+    body_timeout: float
+    header_timeout: float
+    reload_timeout: float
     poll_seconds: float
     access_log: bool
     log_features: bool
