@@ -65,7 +65,7 @@ def test_status_and_health(client, store, served_champion):
                                       'store': store.uri, 'reason': None}
     assert client.get('/health/live').status_code == 200
     r = client.get('/health/ready')
-    assert (r.status_code, r.json()) == (200, {'status': 'ready', 'model_version': v})
+    assert (r.status_code, r.json()) == (200, {'status': 'ready', 'model_version': v, 'reload_failure': None})
     m = client.get('/model').json()
     assert (m['version'], m['threshold']) == (v, 0.5)
 
@@ -320,7 +320,8 @@ def test_failed_reload_keeps_serving(client, store, served_champion, model, data
     detail = r.json()['detail']
     assert detail.startswith(f'reload failed, still serving version {v1}: ') and "does not match its manifest's SHA-256" in detail
     assert client.post('/predict', json={'features': EXAMPLE_FEATURES}).json()['model_version'] == v1
-    assert client.get('/health/ready').json() == {'status': 'ready', 'model_version': v1}
+    r = client.get('/health/ready')  # still ready (an older model serves), carrying the failure
+    assert r.status_code == 200 and r.json()['model_version'] == v1 and r.json()['reload_failure'] == client.get('/model').json()['serving']['reload_failure']
     assert client.get('/').json()['status'] == 'ready'
     lines = client.get('/metrics').text.splitlines()
     assert 'fraud_mlops_reloads_total{result="failed"} 1.0' in lines and 'fraud_mlops_reload_failing 1.0' in lines
@@ -495,3 +496,53 @@ def test_a_worker_refuses_to_start_when_the_fast_path_would_skip_something(chang
     named = '/predict' if change in APP_WIDE else path
     with pytest.raises(FastPathError, match=re.escape(f'POST {named} is answered around FastAPI, which would skip its ') + '.*' + re.escape(skipped)):
         with TestClient(t): pass
+
+
+# ---------------------------------------------------------------- the reload alarm and a stuck store
+
+def test_reload_failure_alarm_clears_when_the_pointer_is_good_again(client, store, served_champion, monkeypatch, caplog):
+    "A pointer changed by hand (its signature fails) sets the alarm with one warning however often it is polled; put back, it clears."
+    import asyncio, logging
+    from fraud_mlops.serving import refresh
+    w, v = client.app.state.worker, served_champion
+    pointer = store.root / 'champion.json'
+    good = pointer.read_bytes()
+    pointer.write_text(json.dumps({**json.loads(good), 'reason': 'edited by hand'}))
+    with caplog.at_level(logging.WARNING, logger='fraud_mlops.serving'):
+        for _ in range(5):   # five polls of the same bad pointer
+            with pytest.raises(Exception, match='signature'): client.portal.call(refresh, w)
+    assert [r.levelname for r in caplog.records if r.name == 'fraud_mlops.serving'] == ['WARNING'], caplog.text
+    r = client.get('/health/ready')
+    assert r.status_code == 200 and r.json()['model_version'] == v and 'signature' in r.json()['reload_failure']['error']
+    assert 'fraud_mlops_reload_failing 1.0' in client.get('/metrics').text.splitlines()
+    pointer.write_bytes(good)   # the pointer back as it was: the tag of the version that serves
+    assert client.portal.call(refresh, w) == (False, v)
+    assert client.get('/health/ready').json() == {'status': 'ready', 'model_version': v, 'reload_failure': None}
+    assert client.get('/model').json()['serving']['reload_failure'] is None
+    assert 'fraud_mlops_reload_failing 0.0' in client.get('/metrics').text.splitlines()
+
+
+def test_reload_answers_within_its_timeout_while_a_poll_is_stuck(served_champion, store, monkeypatch, model, data, save_as_champion):
+    "A champion check hung on the store holds the reload lock; POST /reload still answers (503) within FRAUD_MLOPS_RELOAD_TIMEOUT."
+    import threading, time
+    import fraud_mlops.serving as serving
+    monkeypatch.setenv('FRAUD_MLOPS_POLL_SECONDS', '0.1')
+    monkeypatch.setenv('FRAUD_MLOPS_RELOAD_TIMEOUT', '0.5')
+    gate, real, calls = threading.Event(), serving.next_model, []
+    def hung(*args):
+        calls.append(args); gate.wait(30); return real(*args)
+    with TestClient(app) as c:
+        monkeypatch.setattr(serving, 'next_model', hung)
+        try:
+            while not calls: time.sleep(0.02)   # a poll is now stuck on the store
+            v2 = save_as_champion(store, model, *data)
+            start = time.monotonic()
+            r = c.post('/reload', headers=ADMIN)
+            assert time.monotonic() - start < 2
+            assert r.status_code == 503 and r.json()['detail'].startswith('reload not finished within 0.5 s (FRAUD_MLOPS_RELOAD_TIMEOUT)')
+            assert f'still serving version {served_champion}' in r.json()['detail']
+            assert c.post('/predict', json={'features': EXAMPLE_FEATURES}).json()['model_version'] == served_champion
+        finally: gate.set()
+        deadline = time.monotonic() + 20
+        while c.get('/health/ready').json()['model_version'] != v2 and time.monotonic() < deadline: time.sleep(0.05)
+        assert c.get('/health/ready').json()['model_version'] == v2   # the checks went on, and serve the new champion

@@ -141,9 +141,11 @@ def test_reload_under_load_two_workers(server, save_as_champion, store, models, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('tamper', ['model bytes', 'signed manifest'])
+@pytest.mark.parametrize('tamper', ['model bytes', 'signed manifest', 'unsigned manifest'])
 def test_tampered_bundle_refused_while_serving(server, save_as_champion, store, models, data, rows, tamper, monkeypatch):
-    if tamper == 'signed manifest': monkeypatch.setenv('FRAUD_MLOPS_SIGNING_KEY', 'k' * 32)
+    "A bad or unsigned bundle under a validly signed pointer: never served, one warning, and the alarm in /model and /metrics."
+    from fraud_mlops.registry import sequence
+    from fraud_mlops.signing import signed
     v1 = save_as_champion(store, models[0], *data)
     env = {'FRAUD_MLOPS_STORE': store.uri, 'FRAUD_MLOPS_POLL_SECONDS': '0.3'}
     with server(env) as (url, proc, log):
@@ -154,15 +156,20 @@ def test_tampered_bundle_refused_while_serving(server, save_as_champion, store, 
             if tamper == 'model bytes': (d / 'model.joblib').write_bytes((d / 'model.joblib').read_bytes()[:-20])
             else:
                 m = json.loads((d / 'manifest.json').read_text()); m['threshold'] = 0.01
+                if tamper == 'unsigned manifest': del m['signature']
                 (d / 'manifest.json').write_text(json.dumps(m))
-            store.put('champion.json', json.dumps({'version': v, 'previous': v1}).encode())  # the pointer names it
+            pointer = signed({'version': v, 'sequence': sequence(read_champion(store)[0]) + 1, 'previous': v1})
+            store.put('champion.json', json.dumps(pointer).encode())  # a valid pointer names it
             wait_for(lambda: httpx.get(f'{url}/model').json()['serving']['reload_failure'] is not None, 20, 'failure not visible')
         results = asyncio.run(load(url, rows, seconds=3, connections=4, during=bad_promotion))
         seen = check_consistent(results, {v1: models[0].predict_proba(rows)[:, 1]})
         assert {v for _, v in seen} == {v1}
         failure = httpx.get(f'{url}/model').json()['serving']['reload_failure']
         assert failure['serving'] == v1
-        assert ("does not match its manifest's SHA-256" if tamper == 'model bytes' else 'it was modified after signing') in failure['error']
+        assert {'model bytes': "does not match its manifest's SHA-256", 'signed manifest': 'it was changed after signing',
+                'unsigned manifest': 'is not signed: refusing it'}[tamper] in failure['error']
+        assert httpx.get(f'{url}/health/ready').json()['reload_failure'] == failure
+        assert log.read_text().count('reload failed, still serving version') == 1  # one warning line, however many polls
         metrics = httpx.get(f'{url}/metrics').text.splitlines()
         assert 'fraud_mlops_reload_failing 1.0' in metrics and 'fraud_mlops_reloads_total{result="failed"} 1.0' in metrics  # fetched once
         r = httpx.post(f'{url}/reload', headers=ADMIN)  # an explicit reload tries again, and is refused again
