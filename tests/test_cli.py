@@ -22,8 +22,10 @@ def test_promote_models_rollback_round_trip(cli, store, add_candidate):
     assert f'{b}  champion' in table and f'{a}  retired' in table
     r = cli('rollback', '--store', store.root, '--no-notify')
     assert r.returncode == 0 and f'rollback: {a}' in r.stdout
+    r = cli('rollback', '--store', store.root, '--to', '20200101T000000.000Z-abcdef', '--no-notify')
+    assert r.returncode == 4 and 'version 20200101T000000.000Z-abcdef not found' in r.stderr   # the store's failure: 4
     r = cli('rollback', '--store', store.root, '--to', 'nope', '--no-notify')
-    assert r.returncode == 4 and 'version nope not found' in r.stderr        # the store's failure: 4
+    assert r.returncode == 2 and "'nope' is not a version id" in r.stderr   # not a version name at all: bad input, 2
 
 
 def test_store_typo_and_corrupt_manifest_are_clear_errors(cli, store, add_candidate):
