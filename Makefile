@@ -78,5 +78,5 @@ bench-quality: install ## detection quality on later data: the default against t
 lab: install ## JupyterLab on nbs/ with the package installed in editable mode
 	$(BIN)/jupyter lab --notebook-dir=nbs
 
-clean: ## remove the virtualenv and generated outputs (keeps the registry and data)
-	rm -rf $(VENV) runs build *.egg-info .pytest_cache
+clean: ## remove the virtualenvs and generated outputs (keeps the registry, the data and the signing keys)
+	rm -rf $(VENV) .venv-lint runs build *.egg-info .pytest_cache
