@@ -1,7 +1,7 @@
 """Shared test scaffolding, one place each: the real CI subset, temporary stores, small candidates and champions trained on
 real rows, the `fraud-mlops` command, free loopback ports, real API servers, the AWS/moto environment, the Dockerfiles.
 Helpers that tests call are fixtures returning the callable; test files never import each other (or this file)."""
-import json, os, shlex, socket, subprocess, sys, time
+import io, json, os, shlex, socket, subprocess, sys, time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -105,6 +105,27 @@ def save_as_champion():
         set_champion(store, v, read_champion(store)[1])
         return v
     return save
+
+
+class Payload:
+    "A pickle that runs code when it is loaded: it creates the file `marker` (what an attacker's shell command would do)."
+    def __init__(self, marker): self.marker = marker
+    def __reduce__(self): return (Path.touch, (Path(self.marker),))
+
+
+@pytest.fixture(scope='session')
+def plant_payload():
+    """`plant_payload(store, version, marker)`: replace `version`'s model by a pickle that creates `marker` when loaded, and fix the
+    SHA-256 in its manifest: all that write access to a store allows (the signature cannot follow). Returns the pickle's bytes."""
+    def plant(store, version, marker):
+        import joblib
+        from fraud_mlops.store import sha256_hex
+        evil = io.BytesIO(); joblib.dump(Payload(marker), evil); evil = evil.getvalue()
+        m = json.loads(store.get(f'versions/{version}/manifest.json'))
+        store.put(f'versions/{version}/model.joblib', evil)
+        store.put(f'versions/{version}/manifest.json', json.dumps({**m, 'model': {**m['model'], 'sha256': sha256_hex(evil)}}).encode())
+        return evil
+    return plant
 
 
 # --- processes: the command line, loopback ports, real API servers

@@ -1,7 +1,6 @@
 """The registry on S3: unit tests under moto's `mock_aws`, integration tests against a moto server over HTTP
 (papermill training, promotion, rollback, two promoters racing, tampered bundles, the API serving from S3)."""
 import io, json, os, socket, subprocess, sys, threading, time
-from pathlib import Path
 
 import httpx
 import joblib
@@ -17,7 +16,7 @@ from fraud_mlops.promotion import promote, rollback
 from fraud_mlops.registry import (decided_versions, list_decisions, list_versions, load_champion, load_manifest, model_statuses,
                                   read_champion, save_version)
 from fraud_mlops.signing import new_key_pair, public_text, signed, signing_key
-from fraud_mlops.store import IntegrityError, S3Store, StoreError, open_store, request_log, sha256_hex
+from fraud_mlops.store import IntegrityError, S3Store, StoreError, open_store, request_log
 
 TOKEN = 'test-admin-token'
 
@@ -38,21 +37,6 @@ def weak(parts):
 @pytest.fixture(scope='module')
 def good(parts):
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(parts[0], parts[1])
-
-
-class Payload:
-    "A pickle that runs code when it is loaded: it creates the file `marker` (what an attacker's shell command would do)."
-    def __init__(self, marker): self.marker = marker
-    def __reduce__(self): return (Path.touch, (Path(self.marker),))
-
-
-def crafted(store, version, marker):
-    "Replace `version`'s model with a `Payload` pickle and fix the SHA-256 in its manifest, as someone who can write the store can."
-    evil = io.BytesIO(); joblib.dump(Payload(marker), evil); evil = evil.getvalue()
-    m = json.loads(store.get(f'versions/{version}/manifest.json'))
-    store.put(f'versions/{version}/model.joblib', evil)
-    store.put(f'versions/{version}/manifest.json', json.dumps({**m, 'model': {**m['model'], 'sha256': sha256_hex(evil)}}).encode())
-    return evil
 
 
 def bundle(store, model, parts, threshold=0.5):
@@ -142,7 +126,7 @@ def test_a_manifest_that_is_not_json_is_an_integrity_error(mock_s3_uri, parts, g
 
 
 def test_bundles_are_signed_by_default_and_unsigned_tampered_or_foreign_ones_never_unpickled(mock_s3_uri, parts, weak, good,
-                                                                                          monkeypatch, tmp_path):
+                                                                                          monkeypatch, tmp_path, plant_payload):
     s = open_store(mock_s3_uri, create=True)
     v = bundle(s, good, parts)
     assert load_manifest(s, v)['signature']['algorithm'] == 'Ed25519'          # no setting needed: signing is on by default
@@ -152,7 +136,7 @@ def test_bundles_are_signed_by_default_and_unsigned_tampered_or_foreign_ones_nev
     with pytest.raises(IntegrityError, match=f'manifest of version {u} is not signed: refusing it'): promote(s, u, notify=False)
     assert promote(s, v, notify=False)['decision'] == 'promoted'
     marker = tmp_path/'payload-ran'
-    evil = crafted(s, v, marker)                                                  # the model swapped for a crafted pickle
+    evil = plant_payload(s, v, marker)                                                  # the model swapped for a crafted pickle
     joblib.load(io.BytesIO(evil)); assert marker.exists(); marker.unlink()        # the payload is real: loading it runs it
     with pytest.raises(IntegrityError, match=f'manifest of version {v} does not match its signature by key'): load_champion(s)
     assert not marker.exists()                                                    # refused before anything was unpickled
@@ -302,7 +286,7 @@ def test_two_concurrent_promoters_exactly_one_wins_and_the_other_changes_nothing
 
 @pytest.mark.slow
 def test_tampered_bundles_are_refused_by_promotion_and_by_the_api(cli, example_request, s3_uri, parts, weak, good, monkeypatch,
-                                                                  tmp_path):
+                                                                  tmp_path, plant_payload):
     from fastapi.testclient import TestClient
     from fraud_mlops.serving import app
     monkeypatch.setenv('FRAUD_MLOPS_STORE', s3_uri); monkeypatch.setenv('FRAUD_MLOPS_ADMIN_TOKEN', TOKEN)
@@ -312,7 +296,7 @@ def test_tampered_bundles_are_refused_by_promotion_and_by_the_api(cli, example_r
         assert c.post('/predict', json=example_request).json()['model_version'] == v
         assert c.get('/model').json()['signature']['algorithm'] == 'Ed25519'
     marker = tmp_path/'payload-ran'
-    crafted(store, v, marker)         # an attacker swaps in a crafted pickle and fixes the SHA-256; the signature cannot follow
+    plant_payload(store, v, marker)         # an attacker swaps in a crafted pickle and fixes the SHA-256; the signature cannot follow
     with TestClient(app) as c:
         r = c.get('/health/ready')
         assert r.status_code == 503 and 'changed after signing' in r.json()['detail']
