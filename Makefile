@@ -66,7 +66,7 @@ $(LINT_STAMP):
 	$(LINT_VENV)/bin/python -m pip install --quiet 'checkov==$(CHECKOV_VERSION)'
 	touch $@
 
-bench: install ## load-test the API on 127.0.0.1 against the seed's way of serving and a no-model ceiling (needs wrk)
+bench: install ## load-test the API on 127.0.0.1 against the seed's way of serving and a no-model ceiling (needs wrk); peak RSS of the largest batch and of hostile bodies
 	$(BIN)/python bench/serve_bench.py $(if $(MODEL),--model $(MODEL))
 
 bench-scale: install ## file scoring at 1x, 4x and 16x the full data (rows replicated), in-process and on a 2-worker LocalCluster: rows/s, peak RSS

@@ -32,3 +32,17 @@ def stop(proc):
     proc.terminate()
     try: proc.wait(15)
     except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+
+
+def rss_mb(pid, field='VmRSS'):
+    "`field` of /proc/PID/status (VmRSS now, VmHWM the peak since the start or `reset_peak`) in MB; None off Linux."
+    try: lines = Path(f'/proc/{pid}/status').read_text().splitlines()
+    except OSError: return None
+    for line in lines:
+        if line.startswith(field + ':'): return int(line.split()[1]) / 1024
+
+
+def reset_peak(pid):
+    "Make VmHWM of process `pid` start again from its current RSS (Linux: `5` into /proc/PID/clear_refs); False if it cannot."
+    try: Path(f'/proc/{pid}/clear_refs').write_text('5'); return True
+    except OSError: return False

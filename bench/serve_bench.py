@@ -6,11 +6,14 @@ champion of `--store` / `$FRAUD_MLOPS_STORE` when that store has one), trains th
 uvicorn on 127.0.0.1 and drives it with wrk (`apt-get install -y wrk`; without it, a bounded async httpx
 client, much slower, so its figures are the client's ceiling more than the server's). Prints req/s, p50
 and p99 at 1 and 8 connections for `POST /predict`, rows/s for `POST /predict/batch` with 10,000 rows a
-request, and the ratios. All traffic goes to 127.0.0.1, each run is bounded in time. fraud-mlops runs as
+request, and the ratios; then one worker's peak RSS (VmHWM, reset before each case) for the largest batch the
+settings allow, and for hostile bodies (64 MiB of `[],`, declared or chunked; `[],` up to the body limit), with the
+slowest `/health/live` meanwhile, and what unfinished bodies hold and when they are dropped. All traffic goes to
+127.0.0.1, each run is bounded in time. fraud-mlops runs as
 shipped (metrics and its JSON access log on, which replaces uvicorn's); the no-model ceiling runs without
 any access log, the seed's reference with uvicorn's default one, as the seed shipped it.
 """
-import argparse, asyncio, json, os, re, shutil, subprocess, sys, tempfile, time
+import argparse, asyncio, json, os, re, shutil, socket, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 
 import httpx
@@ -22,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from fraud_mlops.data import CI_SUBSET, FEATURES, TARGET, load_transactions, resolve_path  # noqa: E402
 from fraud_mlops.registry import read_champion, save_version, set_champion
 from fraud_mlops.store import StoreError, open_store  # noqa: E402
-from common import start_uvicorn, stop  # noqa: E402  (bench/common.py, beside this script)
+from common import reset_peak, rss_mb, start_uvicorn, stop  # noqa: E402  (bench/common.py, beside this script)
 
 
 def load_avg():
@@ -48,6 +51,7 @@ def champion_store(uri, X, y, tmp, model=None):
 def start(app, env, workers, log_path, app_dir=None, quiet=False):
     "Start uvicorn serving `app`, ready once /predict answers the example; `quiet`: without uvicorn's own access log."
     args = ['--workers', workers, *(['--app-dir', app_dir] if app_dir else []), *(['--no-access-log'] if quiet else [])]
+    if app.startswith('fraud_mlops'): args += ['--http', 'fraud_mlops.api:GuardedHTTP', '--timeout-keep-alive', '75']  # as the image runs it
     body = json.dumps({'features': X_EXAMPLE}).encode()
     ready = lambda url: httpx.post(f'{url}/predict', content=body, headers={'content-type': 'application/json'}, timeout=2).status_code == 200
     return start_uvicorn(app, env, log_path, *args, ready=ready)
@@ -104,6 +108,95 @@ def measure(name, url, files, args, tmp):
     return row
 
 
+def post_raw(url, path, body, chunked=False, piece=1 << 20):
+    "(status or None, seconds to the status line) of a POST of `body` on a raw socket, sent by a thread while the answer is awaited."
+    host, port = url.split('//')[1].split(':')
+    s = socket.create_connection((host, int(port)), timeout=300)
+    head = f'POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n'
+    head += 'Transfer-Encoding: chunked\r\n\r\n' if chunked else f'Content-Length: {len(body)}\r\n\r\n'
+    def send():
+        try:
+            s.sendall(head.encode())
+            for i in range(0, len(body), piece):
+                b = body[i:i + piece]
+                s.sendall(b'%x\r\n%s\r\n' % (len(b), b) if chunked else b)
+            if chunked: s.sendall(b'0\r\n\r\n')
+        except OSError: pass  # the server answered and closed before the end: what a limit should do
+    t0 = time.perf_counter(); sender = threading.Thread(target=send, daemon=True); sender.start()
+    try: first = s.recv(64)
+    except OSError: first = b''
+    seconds = time.perf_counter() - t0
+    s.close(); sender.join(30)
+    m = re.match(rb'HTTP/1.1 (\d+)', first)
+    return (int(m.group(1)) if m else None), seconds
+
+
+def probe(url, pid, body, chunked=False):
+    "(status, seconds, peak RSS MB, RSS before MB, slowest GET /health/live ms meanwhile) of POST /predict/batch `body`."
+    reset_peak(pid); before = rss_mb(pid)
+    slowest, done = [0.0], threading.Event()
+    def ping():
+        with httpx.Client(timeout=60) as c:
+            while not done.is_set():
+                t = time.perf_counter(); c.get(f'{url}/health/live'); slowest[0] = max(slowest[0], time.perf_counter() - t)
+                time.sleep(0.02)
+    pinger = threading.Thread(target=ping, daemon=True); pinger.start(); time.sleep(0.1)
+    status, seconds = post_raw(url, '/predict/batch', body, chunked)
+    time.sleep(0.2); done.set(); pinger.join(60)
+    return status, seconds, rss_mb(pid, 'VmHWM'), before, slowest[0] * 1e3
+
+
+def stalled_bodies(url, pid, n, size, wait):
+    "(RSS growth MB, answered or closed, seconds until the last was) with `n` connections sending half of a `size`-byte body, then nothing."
+    host, port = url.split('//')[1].split(':')
+    before, socks = rss_mb(pid), []
+    for _ in range(n):
+        s = socket.create_connection((host, int(port)), timeout=wait + 5)
+        s.sendall(f'POST /predict/batch HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {size}\r\n\r\n'.encode())
+        try: s.sendall(b'[' * (size // 2))
+        except OSError: pass
+        socks.append(s)
+    t0 = time.monotonic(); time.sleep(1); grown = rss_mb(pid) - before
+    deadline, closed, last = t0 + wait, 0, 0.0
+    for s in socks:
+        s.settimeout(max(0.1, deadline - time.monotonic()))
+        try: s.recv(64); closed += 1; last = time.monotonic() - t0  # an answer (408 or 503) or the end of the connection
+        except OSError: pass
+        s.close()
+    return grown, closed, last
+
+
+def memory(store, tmp, X):
+    "Peak RSS of one worker for the largest allowed batch and for hostile bodies, and whether /health/live kept answering."
+    from fraud_mlops.config import settings
+    cfg = settings()
+    proc, url = start('fraud_mlops.serving:app', {'FRAUD_MLOPS_STORE': store, 'FRAUD_MLOPS_ACCESS_LOG': '0'}, 1, f'{tmp}/memory.log', quiet=True)
+    try:
+        idle = rss_mb(proc.pid)
+        print(f'\nmemory of one worker (RSS idle {idle:.0f} MB; FRAUD_MLOPS_MAX_BATCH={cfg.max_batch}, FRAUD_MLOPS_MAX_BODY_BYTES={cfg.max_body_bytes}):', flush=True)
+        rows = X[np.arange(cfg.max_batch) % len(X)].tolist()
+        largest = json.dumps({'instances': rows}).encode()
+        with_ids = json.dumps({'instances': rows, 'ids': [f'tx-{i}' for i in range(len(rows))]}).encode()  # the orjson path
+        slow = json.dumps({'instances': rows, 'note': True}).encode()  # a `true`: Python's json and pydantic
+        del rows
+        hostile = b'{"instances":[' + b'[],' * ((64 << 20) // 3 - 6) + b'[]]}'
+        at_limit = b'{"instances":[' + b'[],' * ((min(cfg.max_body_bytes, 64 << 20)) // 3 - 6) + b'[]]}'
+        cases = [(f'largest allowed batch ({cfg.max_batch} rows, {len(largest) / 2**20:.1f} MiB)', largest, False),
+                 ('the same with ids (orjson path)', with_ids, False),
+                 ('the same with a `true` (json + pydantic path)', slow, False),
+                 ('hostile 64 MiB of [], (Content-Length)', hostile, False),
+                 ('hostile 64 MiB of [], (chunked)', hostile, True),
+                 (f'hostile [], up to the body limit ({len(at_limit) / 2**20:.1f} MiB)', at_limit, False)]
+        for name, body, chunked in cases:
+            status, secs, peak, before, live = probe(url, proc.pid, body, chunked)
+            print(f'  {name:<52} {status}  in {secs:6.2f} s  peak RSS {peak:6.0f} MB (+{peak - before:.0f})  slowest /health/live {live:.0f} ms', flush=True)
+        for size in (1 << 20, cfg.max_body_bytes):
+            grown, closed, last = stalled_bodies(url, proc.pid, 10, size, cfg.body_timeout + 15)
+            print(f'  10 unfinished bodies (half of {size / 2**20:.0f} MiB each){"":<18} +{grown:.0f} MB RSS; {closed}/10 answered and closed, '
+                  f'the last after {last:.1f} s (FRAUD_MLOPS_BODY_TIMEOUT={cfg.body_timeout:g})', flush=True)
+    finally: stop(proc)
+
+
 def main():
     global X_EXAMPLE
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -112,6 +205,7 @@ def main():
     p.add_argument('--workers', type=int, default=1, help='uvicorn workers for every server (default 1)')
     p.add_argument('--batch-rows', type=int, default=10_000)
     p.add_argument('--model', help="model kind to train when no champion is given (default: the training job's default)")
+    p.add_argument('--memory-only', action='store_true', help='only the peak RSS of the largest batch and the hostile bodies')
     args = p.parse_args()
     if not shutil.which('wrk'):
         print('wrk not found: install it with `apt-get update && apt-get install -y wrk` (Debian/Ubuntu) for real figures;\n'
@@ -124,6 +218,7 @@ def main():
         print(f'machine: {os.cpu_count()} cores, load average (1, 5, 15 min) at start: {load_avg()}', flush=True)
         store, what = champion_store(args.store, X, y, tmp, args.model)
         print(f'model: {what}')
+        if args.memory_only: return memory(store, tmp, X)
         from fraud_mlops.modelling import make_model
         ref = make_model('seed_rf', n_jobs=-1, n_estimators=100).fit(X, y)
         joblib.dump(ref, f'{tmp}/reference.joblib')
@@ -159,6 +254,7 @@ def main():
               f'(p99 {nolog[2]:.2f} vs {ours["c8"][2]:.2f} ms)')
         errors = sum(r[k][3] for r in results.values() for k in ('c1', 'c8', 'batch')) + nolog[3]
         print(f'failed requests in all runs: {errors}')
+        memory(store, tmp, X)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
