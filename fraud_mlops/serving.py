@@ -84,7 +84,7 @@ async def check_champion(w, force=False):
             if isinstance(e, PERMANENT) and getattr(e, 'tag', None) is not None: w.tag = w.refused = e.tag  # a bad bundle
             reloads['failed'] += 1
             if w.failure is None or w.failure['error'] != str(e):  # one line per failure, not one per poll
-                log.warning('%s: %s', 'not ready' if old is None else f'reload failed, still serving version {old_version}', e)
+                log.warning('%s: %s', 'fraud-mlops is not ready' if old is None else f'reload failed, still serving version {old_version}', e)
             w.failure = {'at': utcnow(), 'error': str(e), 'serving': old_version}
             if old is None: w.reason = str(e)
             raise
