@@ -4,13 +4,13 @@
 
 # %% auto #0
 __all__ = ['VERSION', 'CHAMPION', 'new_version_id', 'check_version', 'save_version', 'list_versions', 'delete_version',
-           'load_manifest', 'model_from', 'load_model', 'load_evidence', 'load_evaluation', 'sequence', 'read_champion',
-           'check_sequence', 'decision_key', 'log_pointer_decision', 'set_champion', 'champion_manifest',
-           'load_champion', 'record_decision', 'decided_versions', 'list_decisions', 'version_statuses',
-           'model_statuses']
+           'load_manifest', 'model_from', 'load_model', 'load_evidence', 'load_evaluation', 'sequence', 'next_sequence',
+           'read_champion', 'check_sequence', 'decision_key', 'log_pointer_decision', 'set_champion',
+           'champion_manifest', 'load_champion', 'record_decision', 'decided_versions', 'list_decisions',
+           'version_statuses', 'model_statuses']
 
 # %% ../nbs/02c_registry.ipynb #476444ac
-import io, json, re, secrets
+import io, json, re, secrets, time
 from datetime import datetime, timezone
 
 import joblib
@@ -129,11 +129,22 @@ def sequence(pointer):
     "The sequence number of `pointer` (0 for none)."
     return pointer.get('sequence', 0) if pointer else 0
 
+def next_sequence(pointer):
+    "A sequence number above `pointer`'s and, but for a clock far behind, above every earlier one: the time in microseconds."
+    return max(sequence(pointer) + 1, time.time_ns() // 1000)
+
 def read_champion(store, unless=None):
     "(verified pointer or None, tag) of the champion pointer; the pointer is None too when its tag is still `unless` (not re-read)."
     data, tag = store.get_tagged(CHAMPION, unless)
     if data is None: return None, tag
     what = f'{CHAMPION} in store {store.uri}'
+    try: return _checked_pointer(data, what), tag
+    except IntegrityError as e:
+        e.tag = tag  # this pointer is refused: a poller need not read it again until it changes
+        raise
+
+def _checked_pointer(data, what):
+    "The pointer in bytes `data`, verified and checked; `IntegrityError` about `what` otherwise."
     try: pointer = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e: raise IntegrityError(f"{what} is not valid JSON ({e})") from None
     if not isinstance(pointer, dict): raise IntegrityError(f"{what} is not a JSON object")
@@ -143,7 +154,7 @@ def read_champion(store, unless=None):
     s = pointer.get('sequence')
     if not (type(s) is int and s >= 1 or s is None and settings().insecure_unsigned):
         raise IntegrityError(f"{what} has no valid sequence number (got {s!r}): refusing it")
-    return pointer, tag
+    return pointer
 
 # %% ../nbs/02c_registry.ipynb #19e263aa
 def check_sequence(pointer, seen, where):
@@ -174,7 +185,7 @@ def set_champion(store, version, tag, reason='', pointer=None, decision=None):
     if pointer: log_pointer_decision(store, pointer)
     old = pointer and pointer['version']
     record = {'time': utcnow(), 'by': who(), 'candidate': version, 'champion': old, 'decision': 'promoted', 'reason': reason, **(decision or {})}
-    new = signed({'version': version, 'sequence': sequence(pointer) + 1, 'previous': old, 'updated_at': record['time'],
+    new = signed({'version': version, 'sequence': next_sequence(pointer), 'previous': old, 'updated_at': record['time'],
                   'by': record['by'], 'reason': record['reason'], 'decision_log': decision_key(version), 'decision': record})
     store.put_if(CHAMPION, json.dumps(new, indent=1).encode(), tag)
     store.put_new(new['decision_log'], json.dumps(record, indent=1).encode())   # a copy: the pointer already holds it

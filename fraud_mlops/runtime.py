@@ -320,6 +320,7 @@ class ServedModel:
     predict: object = field(repr=False, default=None)  # float64 (n, 30) array -> P(fraud) per row
     runtime: str = 'sklearn-pipeline'
     loaded_at: str = ''
+    pointer: dict | None = field(repr=False, default=None)  # the signed champion pointer it was loaded from, if any
 
 # %% ../nbs/05b_runtime.ipynb #673fc1d6
 SMOKE_ROWS = np.array([[0.0] * 30, EXAMPLE_FEATURES, [172_792.0] + [-5.0] * 28 + [25_691.16], [float(DAY)] + [3.0] * 28 + [0.0]])

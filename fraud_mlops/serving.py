@@ -12,6 +12,7 @@ __all__ = ['log', 'LOAD_ERRORS', 'PERMANENT', 'THREAD_VARS', 'SINGLE_MAX_BODY', 
 # %% ../nbs/06c_serving.ipynb #48a1d302
 import asyncio, hmac, logging, os
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from functools import partial
 from typing import Annotated
 
@@ -30,7 +31,7 @@ from starlette.routing import Match
 from . import __version__
 from .config import settings
 from .features import VERDICTS, is_fraud
-from .registry import load_champion, read_champion
+from .registry import check_sequence, load_champion, read_champion
 from .store import IntegrityError, NoChampion, StoreError, open_store, utcnow
 from .runtime import ServedModel, ServingError, prepare_model
 from .api import Batch, BatchPrediction, BadRequest, Error, Prediction, Ready, Reloaded, Status, Transaction
@@ -43,14 +44,16 @@ log = logging.getLogger('fraud_mlops.serving')
 # %% ../nbs/06c_serving.ipynb #9623487e
 LOAD_ERRORS = (StoreError, ServingError)  # what "cannot serve this" looks like; anything else is a bug
 
-def next_model(uri=None, current=None, seen_tag=None, threads=None):
-    "(new `ServedModel` or None, pointer tag): the store's champion unless its tag is `seen_tag` or its version is `current`."
+def next_model(uri=None, current=None, seen_tag=None, threads=None, seen=None):
+    "(new `ServedModel` or None, pointer tag): the store's champion unless its tag is `seen_tag` or its version is `current`; never older than pointer `seen`."
     store = open_store(uri)
     pointer, tag = read_champion(store, unless=seen_tag)  # on S3 a conditional GET: an unchanged pointer is a bodiless 304
     if tag is not None and tag == seen_tag: return None, tag
     if pointer is None: raise NoChampion(f"store {store.uri} has no champion yet: train a model and promote it")
-    if pointer['version'] == current: return None, tag
-    try: return prepare_model(*load_champion(store, pointer), threads), tag  # the version the tag belongs to, no second read
+    try:
+        check_sequence(pointer, seen, store.uri)  # a replayed older pointer, even one naming the served version
+        if pointer['version'] == current: return None, tag
+        return replace(prepare_model(*load_champion(store, pointer), threads), pointer=pointer), tag  # no second read of the pointer
     except LOAD_ERRORS as e:
         e.tag = tag  # what the caller should not try again until the pointer changes
         raise
@@ -79,7 +82,8 @@ async def check_champion(w, force=False):
     async with w.reload_lock:
         old, reloads = w.served, w.telemetry.metrics.reloads
         old_version = old and old.version
-        try: new, tag = await asyncio.to_thread(next_model, w.store, old_version, None if force else w.tag, w.cfg.batch_threads)
+        try: new, tag = await asyncio.to_thread(next_model, w.store, old_version, None if force else w.tag, w.cfg.batch_threads,
+                                                       old and old.pointer)
         except LOAD_ERRORS as e:
             if isinstance(e, PERMANENT) and getattr(e, 'tag', None) is not None: w.tag = w.refused = e.tag  # a bad bundle
             reloads['failed'] += 1
@@ -175,8 +179,9 @@ async def ready(s: Annotated[ServedModel, Depends(served)], w: Annotated[Worker,
 
 # %% ../nbs/06c_serving.ipynb #d46526fd
 async def model_manifest(s: Annotated[ServedModel, Depends(served)], w: Annotated[Worker, Depends(worker)]) -> dict:
-    "The manifest of the served model, with `serving`: runtime, load time and the latest reload failure (or null)."
-    return {**s.manifest, 'serving': {'runtime': s.runtime, 'loaded_at': s.loaded_at, 'reload_failure': w.failure}}
+    "The manifest of the served model, with `serving`: runtime, load time, the pointer's sequence and the latest reload failure (or null)."
+    return {**s.manifest, 'serving': {'runtime': s.runtime, 'loaded_at': s.loaded_at, 'pointer_sequence': s.pointer and s.pointer.get('sequence'),
+                                      'reload_failure': w.failure}}
 
 async def metrics(w: Annotated[Worker, Depends(worker)]):
     "This worker's metrics in the Prometheus text format."

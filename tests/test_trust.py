@@ -113,3 +113,36 @@ def test_a_promoter_killed_between_the_flip_and_the_decision_log_leaves_a_champi
     add_candidate(store, n_estimators=22)
     assert cli('promote', '--store', store.root, '--no-notify').returncode == 0
     assert store.exists(pointer['decision_log'])                                    # the next promotion wrote the lost copy
+
+
+def test_a_replayed_older_pointer_is_refused_by_a_running_api_and_a_rollback_is_followed(
+        store, add_champion, add_candidate, api_server, example_request, cli):
+    first = add_champion(store)
+    old_pointer = store.get('champion.json')                             # signed, valid: what an attacker would keep and replay
+    second = add_candidate(store, n_estimators=25)
+    assert cli('promote', '--store', store.root, '--min-gain', '-1', '--no-notify').returncode == 0
+    served = json.loads(store.get('champion.json'))['sequence']
+    server = api_server({'FRAUD_MLOPS_STORE': str(store.root), 'FRAUD_MLOPS_POLL_SECONDS': '0.2'})
+    version = lambda: httpx.post(server.url + '/predict', json=example_request).json()['model_version']
+    model = lambda: httpx.get(server.url + '/model').json()['serving']
+    assert version() == second and model()['pointer_sequence'] == served
+    store.put('champion.json', old_pointer)                              # the replay
+    time.sleep(1.5)
+    assert version() == second                                           # refused: the newer model keeps serving
+    failure = model()['reload_failure']
+    assert f'version {first}), but sequence {served}' in failure['error'] and 'an older pointer was put back' in failure['error']
+    assert 'fraud_mlops_reload_failing 1' in httpx.get(server.url + '/metrics').text
+    assert httpx.get(server.url + '/health/ready').json()['reload_failure']['error'] == failure['error']
+    # the operator repairs it by pointing the champion where it belongs: a new pointer, above every one served
+    r = cli('rollback', '--store', store.root, '--to', second, '--no-notify')
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 10
+    while model()['reload_failure'] is not None and time.monotonic() < deadline: time.sleep(0.1)
+    assert model()['reload_failure'] is None and version() == second
+    r = cli('rollback', '--store', store.root, '--no-notify')             # and a rollback proper is followed
+    assert r.returncode == 0 and f'rollback: {first}' in r.stdout, r.stdout + r.stderr
+    deadline = time.monotonic() + 10
+    while version() != first and time.monotonic() < deadline: time.sleep(0.1)
+    assert version() == first and model()['pointer_sequence'] > served
+    server.stop()
+    assert server.log.read_text().count('an older pointer was put back') == 1
