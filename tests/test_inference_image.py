@@ -82,7 +82,9 @@ def test_image_cmd_serves_a_prediction_answers_its_healthcheck_and_stops_on_sigt
     assert check[0] == 'python'
     python = str(inference_venv/'bin'/'python')
     image = {k: v for k, v in final.env.items() if k != 'PATH'}
+    from fraud_mlops.signing import public_text, signing_key
     server = api_server({**image, 'PATH': f"{inference_venv/'bin'}:{os.environ['PATH']}", 'FRAUD_MLOPS_STORE': str(store.root),
+                         'FRAUD_MLOPS_PUBLIC_KEYS': public_text(signing_key()),   # as a task gets it: the public key only
                          'WEB_CONCURRENCY': '2'}, cmd=final.command('CMD'), clean_env=True)   # a missing requirement shows in its log
     assert len(workers(server.proc.pid)) == 2           # WEB_CONCURRENCY sets the worker processes
     answer = httpx.post(f'{server.url}/predict', json=example_request, timeout=10).json()
