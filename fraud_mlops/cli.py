@@ -217,7 +217,7 @@ def run(args):
     if args.command == 'deploy': return run_deploy(args)
     if args.command == 'serve':
         from fraud_mlops.serving import serve
-        open_store()  # fail now, clearly, on a store path typo
+        open_store(); trusted_keys()  # fail now, clearly, on a store path typo or a malformed public key (exit 2)
         return serve(args.host, args.port, args.workers)
     if args.command == 'score': return _score(args)
     if args.command == 'keys':

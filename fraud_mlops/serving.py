@@ -32,6 +32,7 @@ from . import __version__
 from .config import settings
 from .features import VERDICTS, is_fraud
 from .registry import check_sequence, load_champion, read_champion
+from .signing import trusted_keys
 from .store import IntegrityError, NoChampion, StoreError, open_store, utcnow
 from .runtime import ServedModel, ServingError, prepare_model
 from .api import Batch, BatchPrediction, BadRequest, Error, Prediction, Ready, Reloaded, Status, Transaction
@@ -314,6 +315,7 @@ def answer_directly(table, asgi, w):
 async def lifespan(app):
     "Fill `app.state.worker` when a worker starts (settings, fast paths, telemetry, the champion, its poller and the body watch)."
     cfg, table = settings(), fast_paths(app)
+    trusted_keys(cfg)  # a malformed FRAUD_MLOPS_PUBLIC_KEYS stops the start, never each load later
     w = Worker(cfg, [r.path for r in app.routes if '{' not in getattr(r, 'path', '{')])
     w.front = observe(answer_directly(table, partial(FastAPI.__call__, app), w), w.telemetry)
     if cfg.access_log:  # our JSON line replaces uvicorn's access log
