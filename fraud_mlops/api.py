@@ -6,8 +6,8 @@
 __all__ = ['Number', 'Row', 'Verdict', 'ROW_TEXT', 'CLOSE', 'LARGE_BODY', 'TOO_DEEP', 'CHECK_ROWS', 'MAX_HEADER_BYTES',
            'Transaction', 'Batch', 'Scored', 'Prediction', 'BatchPrediction', 'Status', 'Ready', 'Reloaded', 'Error',
            'explain_error', 'explain_errors', 'BadRequest', 'too_many_rows', 'too_big', 'RequestGuard', 'header',
-           'read_body', 'release', 'is_json_type', 'simd_batch', 'check_batch_size', 'parse_rows', 'batch_json',
-           'GuardedHTTP']
+           'read_body', 'release', 'is_json_type', 'count_bytes', 'simd_batch', 'check_batch_size', 'parse_rows',
+           'batch_json', 'GuardedHTTP']
 
 # %% ../nbs/06a_api.ipynb #e4fe442f
 import asyncio, json
@@ -247,6 +247,12 @@ def _slow_rows(body, single, max_rows):
     if not np.isfinite(rows).all(): raise BadRequest(f"{'features' if single else 'instances'} must hold finite numbers")
     return rows
 
+# %% ../nbs/06a_api.ipynb #dc00b896
+def count_bytes(body, *chars):
+    "How many bytes of `body` are any of `chars` (ASCII characters): numpy's vectorised compare, several times faster than `bytes.count`."
+    v = np.frombuffer(body, np.uint8)
+    return sum(int(np.count_nonzero(v == ord(c))) for c in chars)
+
 # %% ../nbs/06a_api.ipynb #e7f47a13
 def simd_batch(body, parser=None):
     "Float64 rows of a body that is exactly `{\"instances\": [rows of 30 finite numbers]}` through simdjson (`parser` reused), else None."
@@ -256,7 +262,7 @@ def simd_batch(body, parser=None):
             if parser is None: return None
             doc = simdjson.Parser().parse(body)
         rows = doc['instances'] if type(doc) is simdjson.Object and len(doc) == 1 else None
-        if type(rows) is not simdjson.Array or not len(rows) or body.count(b'[') != len(rows) + 1: return None
+        if type(rows) is not simdjson.Array or not len(rows) or count_bytes(body, '[') != len(rows) + 1: return None
         if not all(len(r) == len(FEATURES) for r in rows): return None
         a = np.frombuffer(rows.as_buffer(of_type='d'), np.float64)
     except (ValueError, TypeError, KeyError, RuntimeError): return None  # invalid JSON, a non-number, no such key: the other paths say which
@@ -265,7 +271,7 @@ def simd_batch(body, parser=None):
 # %% ../nbs/06a_api.ipynb #7dfc7537
 def check_batch_size(body, max_rows):
     "413 before any parsing when `body` has more brackets or commas than a batch of `max_rows` rows (with ids) needs."
-    if body.count(b'[') + body.count(b'{') > max_rows + 8 or body.count(b',') > (len(FEATURES) + 2) * (max_rows + 8):
+    if count_bytes(body, '[', '{') > max_rows + 8 or count_bytes(body, ',') > (len(FEATURES) + 2) * (max_rows + 8):
         raise BadRequest(f'request body holds more JSON lists, objects or values than a batch of {max_rows} rows '
                          '(FRAUD_MLOPS_MAX_BATCH) can; split it', 413)
 
