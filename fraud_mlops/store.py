@@ -44,7 +44,7 @@ def sha256_hex(data: bytes):
 # %% ../nbs/01b_store.ipynb #8afbd7f9
 def check_key(key):
     "`key` if it is a relative, '/'-separated store key with no empty, '.' or '..' part, else `StoreError`."
-    if isinstance(key, str) and not {'', '.', '..'} & set(key.split('/')) and not {'\\', '\0', ':'} & set(key): return key
+    if isinstance(key, str) and not {'', '.', '..'} & set(key.split('/')) and not {'\\', '\0'} & set(key): return key
     raise StoreError(f"{str(key)[:80]!r} is not a store key (relative, '/'-separated, no '.' or '..' parts): refusing it")
 
 # %% ../nbs/01b_store.ipynb #8754a322
