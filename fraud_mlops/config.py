@@ -134,6 +134,14 @@ VARS = {
     'poll_seconds': Var('FRAUD_MLOPS_POLL_SECONDS', seconds, 10.0, 'how often each API worker checks the champion pointer; 0 turns polling off'),
     'access_log': Var('FRAUD_MLOPS_ACCESS_LOG', flag, True, "the API's JSON access log, one line a request"),
     'log_features': Var('FRAUD_MLOPS_LOG_FEATURES', flag, False, 'put the 30 features of each request in the access log'),
+    'prediction_log': Var('FRAUD_MLOPS_PREDICTION_LOG', flag, True, 'record every answer of the API (and of `fraud-mlops score --log`) '
+                          'as Parquet under `<store>/predictions/`, written off the request path'),
+    'log_flush_seconds': Var('FRAUD_MLOPS_LOG_FLUSH_SECONDS', timeout, 5.0, 'most seconds between two writes of the prediction log: '
+                             'a crash loses at most this much'),
+    'log_flush_rows': Var('FRAUD_MLOPS_LOG_FLUSH_ROWS', count, 50_000, 'rows waiting in the prediction log that trigger a write before the interval'),
+    'log_buffer_rows': Var('FRAUD_MLOPS_LOG_BUFFER_ROWS', count, 200_000, 'most rows the prediction log holds unwritten (the store slow or '
+                           'down); more are dropped and counted in `/metrics`, never blocking a request'),
+    'drift_window': Var('FRAUD_MLOPS_DRIFT_WINDOW', count, 10_000, 'recent rows behind the live alert rate and feature PSI of `/metrics`'),
     'batch_threads': Var('FRAUD_MLOPS_BATCH_THREADS', count, lambda env: usable_cores(), 'threads that score one large batch', CORES),
     'chunk_rows': Var('FRAUD_MLOPS_CHUNK_ROWS', count, 250_000, 'rows per chunk read by `fraud-mlops score`'),
     'cache_dir': Var('FRAUD_MLOPS_CACHE_DIR', text, cache_folder, "folder of prepared runtimes, so `fraud-mlops score` need not unpickle a model it has seen; `off` for none",
@@ -169,6 +177,11 @@ class Settings:
     poll_seconds: float
     access_log: bool
     log_features: bool
+    prediction_log: bool
+    log_flush_seconds: float
+    log_flush_rows: int
+    log_buffer_rows: int
+    drift_window: int
     batch_threads: int
     chunk_rows: int
     cache_dir: str
