@@ -4,13 +4,15 @@
 
 # %% auto #0
 __all__ = ['Number', 'Row', 'ID_MAX', 'TransactionId', 'Verdict', 'ROW_TEXT', 'CLOSE', 'LARGE_BODY', 'TOO_DEEP', 'CHECK_ROWS',
-           'MAX_HEADER_BYTES', 'Transaction', 'Batch', 'Scored', 'Prediction', 'BatchPrediction', 'Status', 'Ready',
-           'Reloaded', 'Error', 'explain_error', 'explain_errors', 'BadRequest', 'too_many_rows', 'too_big',
-           'RequestGuard', 'header', 'read_body', 'release', 'is_json_type', 'check_ids', 'check_id', 'count_bytes',
-           'simd_batch', 'check_batch_size', 'parse_request', 'parse_rows', 'batch_json', 'GuardedHTTP']
+           'MAX_HEADER_BYTES', 'Transaction', 'Batch', 'Label', 'Labels', 'Scored', 'Prediction', 'BatchPrediction',
+           'Status', 'Ready', 'Reloaded', 'LabelsAdded', 'Error', 'explain_error', 'explain_errors', 'BadRequest',
+           'too_many_rows', 'too_big', 'RequestGuard', 'header', 'read_body', 'release', 'is_json_type', 'check_ids',
+           'check_id', 'count_bytes', 'simd_batch', 'check_batch_size', 'parse_request', 'parse_rows', 'batch_json',
+           'GuardedHTTP']
 
 # %% ../nbs/06a_api.ipynb #e4fe442f
 import asyncio, json
+from datetime import datetime
 from typing import Annotated, Literal
 
 import numpy as np
@@ -45,6 +47,19 @@ class Batch(BaseModel):
     model_config = ConfigDict(json_schema_extra={'examples': [{'instances': [EXAMPLE_FEATURES, EXAMPLE_FEATURES], 'ids': ['tx-000001', 'tx-000002']}]})
     instances: Annotated[list[Row], Field(min_length=1, description='one row of 30 numbers per transaction')]
     ids: list[TransactionId] | None = Field(None, description='one transaction id per instance, in the same order')
+
+# %% ../nbs/06a_api.ipynb #e56d3eea
+class Label(BaseModel):
+    "What became known about one transaction: fraud (1) or not (0), and when."
+    transaction_id: TransactionId
+    label: Annotated[int, Strict(), Field(ge=0, le=1, description='1: fraud, 0: legitimate; exactly a JSON 0 or 1')]
+    label_time: datetime | None = Field(None, description='when the label became known (ISO 8601; no zone means UTC); default: now')
+
+class Labels(BaseModel):
+    "Labels to append to the store's `labels/` (latest per transaction id wins)."
+    model_config = ConfigDict(json_schema_extra={'examples': [{'labels': [{'transaction_id': 'tx-000001', 'label': 0},
+                                                                          {'transaction_id': 'tx-000002', 'label': 1, 'label_time': '2026-12-02T10:00:00Z'}]}]})
+    labels: Annotated[list[Label], Field(min_length=1)]
 
 # %% ../nbs/06a_api.ipynb #ff95955a
 Verdict = Literal[VERDICTS]
@@ -85,6 +100,14 @@ class Reloaded(BaseModel):
     reloaded: bool
     model_version: str
     previous_version: str | None
+
+class LabelsAdded(BaseModel):
+    "The result of `POST /labels`: rows written to which file, and how many name a transaction the prediction log has."
+    written: int
+    file: str
+    matched: int
+    unmatched: int
+    unmatched_examples: list[str]
 
 class Error(BaseModel):
     "Every error answer: one sentence saying what went wrong."
