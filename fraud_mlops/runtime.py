@@ -321,6 +321,7 @@ class ServedModel:
     runtime: str = 'sklearn-pipeline'
     loaded_at: str = ''
     pointer: dict | None = field(repr=False, default=None)  # the signed champion pointer it was loaded from, if any
+    reference: dict | None = field(repr=False, default=None)  # the training reference of its bundle (`drift`), if it has one
 
 # %% ../nbs/05b_runtime.ipynb #673fc1d6
 SMOKE_ROWS = np.array([[0.0] * 30, EXAMPLE_FEATURES, [172_792.0] + [-5.0] * 28 + [25_691.16], [float(DAY)] + [3.0] * 28 + [0.0]])
