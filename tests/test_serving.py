@@ -141,7 +141,7 @@ def test_metrics(client, served_champion):
 
 def test_openapi_has_the_example():
     spec = app.openapi()
-    assert spec['components']['schemas']['Transaction']['examples'] == [{'features': EXAMPLE_FEATURES}]
+    assert spec['components']['schemas']['Transaction']['examples'] == [{'features': EXAMPLE_FEATURES, 'transaction_id': 'tx-000001'}]
     assert json.loads((ROOT / 'data' / 'example_request.json').read_text()) == {'features': EXAMPLE_FEATURES}  # what README's curl sends
 
 
