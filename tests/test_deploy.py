@@ -1,7 +1,8 @@
 """`fraud-mlops deploy` against moto: the README's path from an empty account (the CloudFormation stack of
 .aws/cloudformation.yml, the first deployment, the service, the next deployment), and the command's failures
 as a user meets them, over HTTP against a moto server."""
-import json, uuid
+import json, subprocess, sys, uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import boto3
@@ -13,6 +14,7 @@ from fraud_mlops.deploy import DeployError, container, deploy, find_service, loa
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT/'.aws'/'cloudformation.yml'
 TASK_DEFINITION = ROOT/'.aws'/'task-definition.json'
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
@@ -99,6 +101,9 @@ def test_from_an_empty_account_to_a_deployed_api(moto_aws):
     trainer = scheduled_training(ecs, events, outputs)
     assert trainer['image'] == training2 and trainer['secrets'] == [{'name': 'FRAUD_MLOPS_SIGNING_KEY', 'valueFrom': key_arn}]
     assert {'name': 'FRAUD_MLOPS_PUBLIC_KEYS', 'value': public} in trainer['environment']
+    job = training_container()   # the pushed image runs the stack's job (monitor, then retrain only if needed), not its own
+    assert (trainer['entryPoint'], trainer['command']) == (job['EntryPoint'], job['Command'])
+    assert {'name': 'RETRAIN_WHEN', 'value': 'psi>0.2,recall<0.6'} in trainer['environment']
     options = api['logConfiguration']['options']
     assert (options['awslogs-group'], options['awslogs-region']) == (outputs['ApiLogGroup'], 'eu-west-1')
     assert '123456789012:role/fraud-mlops' in td['taskRoleArn']   # moto's account, not a value from the file
@@ -113,6 +118,101 @@ def scheduled_training(ecs, events, outputs):
     td = ecs.describe_task_definition(taskDefinition=target['EcsParameters']['TaskDefinitionArn'])['taskDefinition']
     assert td['family'] == outputs['TrainingTaskFamily']
     return container(td, 'training')
+
+
+# --- the weekly training task: monitor, and retrain only when a condition holds
+
+def template():
+    from cfnlint.decode import decode
+    t, problems = decode(str(TEMPLATE))
+    assert not problems
+    return t
+
+
+def training_container():
+    "The training container of the stack's task definition, as the template writes it."
+    c, = template()['Resources']['TrainingTaskDefinition']['Properties']['ContainerDefinitions']
+    return c
+
+
+def test_the_api_may_create_log_and_label_files_and_training_reads_them():
+    r = template()['Resources']
+    statements = lambda role: [s for p in r[role]['Properties']['Policies'] for s in p['PolicyDocument']['Statement']]
+    writes = [s for s in statements('ApiTaskRole') if s['Action'] != 's3:GetObject' and s['Action'] != 's3:ListBucket']
+    assert writes == [{'Effect': 'Allow', 'Action': 's3:PutObject',
+                       'Resource': [{'Fn::Sub': '${ModelBucket.Arn}/registry/predictions/*'}, {'Fn::Sub': '${ModelBucket.Arn}/registry/labels/*'}],
+                       'Condition': {'Null': {'s3:if-none-match': 'false'}}}]   # new files only: the API never replaces one
+    reads = [s for s in statements('TrainingTaskRole') if 's3:GetObject' in s['Action']]
+    assert [s['Resource'] for s in reads] == [{'Fn::Sub': '${ModelBucket.Arn}/registry/*'}]   # predictions/ and labels/ among them
+
+
+FAKE_CLI = """#!/bin/sh
+# fraud-mlops as the job sees it: each call logged, `models --json` from $FAKE_MODELS, exit codes from $FAKE_EXIT_<command>
+echo "$*" >> "$CALLS"
+case $1 in models) printf '%s' "$FAKE_MODELS" ;; esac
+eval "code=\\${FAKE_EXIT_$(echo "$1" | tr - _):-0}"
+exit "$code"
+"""
+
+
+@pytest.fixture
+def weekly_job(tmp_path):
+    """`weekly_job(rows, **exits)`: run the training task's command with `sh -c` (its environment from the template's defaults)
+    against a fake `fraud-mlops` (`rows`: what its `models --json` prints; `exits`: exit code per command, e.g. monitor=3);
+    return (exit code, [the commands it ran], its output)."""
+    job, params = training_container(), template()['Parameters']
+    value = lambda v: v if isinstance(v, str) else str(params[v['Ref']].get('Default', v['Ref'])) if 'Ref' in v else 's3://bucket/registry'
+    env = {e['Name']: value(e['Value']) for e in job['Environment']}
+    fake = tmp_path/'bin'; fake.mkdir()
+    (fake/'fraud-mlops').write_text(FAKE_CLI); (fake/'fraud-mlops').chmod(0o755)
+    def run(rows, **exits):
+        calls = tmp_path/'calls'; calls.unlink(missing_ok=True)
+        extra = {f'FAKE_EXIT_{k}': str(v) for k, v in exits.items()}
+        r = subprocess.run([*job['EntryPoint'], *job['Command']], capture_output=True, text=True,
+                           env={**env, **extra, 'PATH': f"{fake}:{BIN}:/usr/bin:/bin", 'CALLS': str(calls), 'FAKE_MODELS': json.dumps(rows)})
+        return r.returncode, calls.read_text().splitlines() if calls.exists() else [], r.stdout + r.stderr
+    return run
+
+
+CHAMPION = [{'version': 'v2', 'status': 'champion'}, {'version': 'v1', 'status': 'retired'}]
+
+
+def days_ago(arg):
+    "Days between now and the UTC time `arg` (YYYY-MM-DDTHH:MM:SSZ)."
+    return (datetime.now(timezone.utc) - datetime.strptime(arg, '%Y-%m-%dT%H:%M:%SZ').replace(tzinfo=timezone.utc)).total_seconds() / 86400
+
+
+def test_the_weekly_task_retrains_only_when_a_condition_holds(weekly_job):
+    code, calls, out = weekly_job(CHAMPION, monitor=0)   # nothing wrong: no data fetched, nothing trained
+    assert code == 0 and [c.split()[0] for c in calls] == ['models', 'monitor'] and 'no retraining' in out, out
+    monitor = calls[1].split()
+    assert monitor[monitor.index('--fail-on') + 1] == 'psi>0.2,recall<0.6'
+    assert abs(days_ago(monitor[monitor.index('--since') + 1]) - 7) < 0.01
+
+    code, calls, out = weekly_job(CHAMPION, monitor=3)   # a condition holds: original data + labelled traffic, train, gate
+    assert code == 0, out
+    assert calls[2:] == ['fetch-data --dest /tmp/creditcard.csv', calls[3], 'train --data /tmp/retrain.csv', 'promote'], calls
+    export = calls[3].split()
+    assert export[:4] == ['export-training-data', '/tmp/retrain.csv', '--append-to', '/tmp/creditcard.csv']
+    assert abs(days_ago(export[export.index('--since') + 1]) - 90) < 0.01
+
+    for step, failed in (('monitor', 4), ('monitor', 2), ('export_training_data', 2), ('train', 1)):
+        code, calls, out = weekly_job(CHAMPION, **{'monitor': 3, step: failed})
+        assert code == failed and 'promote' not in calls, (step, calls, out)   # a failed step stops the job with its code
+
+
+def test_a_new_stack_trains_its_first_model_without_monitoring(weekly_job):
+    for models in ([], [{'version': 'v1', 'status': 'rejected'}]):
+        code, calls, out = weekly_job(models, monitor=3)
+        assert code == 0 and calls == ['models --json', 'fetch-data --dest /tmp/creditcard.csv', 'train --data /tmp/creditcard.csv', 'promote'], (calls, out)
+    code, calls, out = weekly_job([], models=4)   # the store unreachable (whatever was printed): the job fails, trains nothing
+    assert code != 0 and calls == ['models --json'], out
+
+
+def test_the_weekly_job_passes_shellcheck():
+    job = training_container()
+    r = subprocess.run([Path(sys.executable).parent/'shellcheck', '-s', 'sh', '-'], input=job['Command'][0], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
 
 
 # --- the command, over HTTP against a moto server, as the workflow runs it
