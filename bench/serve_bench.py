@@ -10,7 +10,10 @@ request, and the ratios; then one worker's peak RSS (VmHWM, reset before each ca
 settings allow, and for hostile bodies (64 MiB of `[],`, declared or chunked; `[],` up to the body limit), with the
 slowest `/health/live` meanwhile, and what unfinished bodies hold and when they are dropped. All traffic goes to
 127.0.0.1, each run is bounded in time. fraud-mlops runs as
-shipped (metrics and its JSON access log on, which replaces uvicorn's); the no-model ceiling runs without
+shipped (metrics, its JSON access log on, which replaces uvicorn's, and the prediction log on); then once
+with the prediction log off and once more on, for the log's cost in the same run (on, off, on: the mean of
+the two runs with it on against the one off, so the machine's drift during the run does not pass for the
+log's cost), and the rows the log wrote are counted back from the store. The no-model ceiling runs without
 any access log, the seed's reference with uvicorn's default one, as the seed shipped it.
 """
 import argparse, asyncio, json, os, re, shutil, socket, subprocess, sys, tempfile, threading, time
@@ -197,6 +200,13 @@ def memory(store, tmp, X):
     finally: stop(proc)
 
 
+def logged_rows(store):
+    "{rows, files} of the prediction log in local store `store`."
+    from fraud_mlops.predlog import log_files, read_log
+    st = open_store(store)
+    return {'rows': sum(t.num_rows for t in read_log(st, columns=['time'])), 'files': len(log_files(st))}
+
+
 def main():
     global X_EXAMPLE
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -240,6 +250,15 @@ def main():
                           f'{tmp}/nolog.log', quiet=True)  # no access log at all
         try: nolog = load(f'{url}/predict', files['single'], 8, args.seconds, tmp)
         finally: stop(proc)
+        logged = logged_rows(store)  # what the servers above wrote to the prediction log, flushed on SIGTERM
+        off_env = {'FRAUD_MLOPS_STORE': store, 'FRAUD_MLOPS_PREDICTION_LOG': '0'}
+        proc, url = start('fraud_mlops.serving:app', off_env, args.workers, f'{tmp}/nopredlog.log', quiet=True)
+        try: off = {'c8': load(f'{url}/predict', files['single'], 8, args.seconds, tmp),
+                    'batch': load(f'{url}/predict/batch', files['batch'], 2, args.seconds, tmp)}
+        finally: stop(proc)
+        proc, url = start('fraud_mlops.serving:app', {'FRAUD_MLOPS_STORE': store}, args.workers, f'{tmp}/predlog.log', quiet=True)
+        try: on_again = load(f'{url}/predict', files['single'], 8, args.seconds, tmp)  # on, off, on: the machine's drift shows
+        finally: stop(proc)
         ours, refr, const = results['fraud-mlops'], results['seed reference'], results['no-model constant']
         print(f'\nload average at end: {load_avg()}')
         print(f'\n| server | /predict c=1 req/s | p50 ms | p99 ms | /predict c=8 req/s | p50 ms | p99 ms | batch rows/s (10k rows/request) |')
@@ -252,7 +271,13 @@ def main():
               f'{ours["c1"][0] / const["c1"][0]:.0%} at 1, {ours["batch"][0] / const["batch"][0]:.0%} of its batch rows/s')
         print(f'access log cost: {nolog[0]:.0f} req/s at 8 connections with no access log (FRAUD_MLOPS_ACCESS_LOG=0, uvicorn --no-access-log) vs {ours["c8"][0]:.0f} with it on '
               f'(p99 {nolog[2]:.2f} vs {ours["c8"][2]:.2f} ms)')
-        errors = sum(r[k][3] for r in results.values() for k in ('c1', 'c8', 'batch')) + nolog[3]
+        on_c8 = (ours['c8'][0] + on_again[0]) / 2
+        print(f"prediction log cost: {on_c8:.0f} req/s at 8 connections with the log on (mean of two runs: {ours['c8'][0]:.0f}, "
+              f"{on_again[0]:.0f}) vs {off['c8'][0]:.0f} off (FRAUD_MLOPS_PREDICTION_LOG=0): {on_c8 / off['c8'][0]:.0%} (target >= 85%); "
+              f"p99 {ours['c8'][2]:.2f} vs {off['c8'][2]:.2f} ms; batch rows/s {ours['batch'][0]:.0f} on vs {off['batch'][0]:.0f} off "
+              f"({ours['batch'][0] / off['batch'][0]:.0%})")
+        print(f"prediction log: {logged['rows']} rows in {logged['files']} Parquet files under {store}/predictions after the runs with it on")
+        errors = sum(r[k][3] for r in results.values() for k in ('c1', 'c8', 'batch')) + nolog[3] + off['c8'][3] + off['batch'][3] + on_again[3]
         print(f'failed requests in all runs: {errors}')
         memory(store, tmp, X)
     finally:

@@ -278,7 +278,7 @@ def test_reload_disabled_without_token(served_champion, monkeypatch):
     monkeypatch.delenv('FRAUD_MLOPS_ADMIN_TOKEN')  # read with the other settings when the worker starts
     with TestClient(app) as c:
         r = c.post('/reload', headers=ADMIN)
-    assert (r.status_code, r.json()) == (403, {'detail': 'reload is disabled: set FRAUD_MLOPS_ADMIN_TOKEN'})
+    assert (r.status_code, r.json()) == (403, {'detail': 'admin routes (/reload, /labels) are disabled: set FRAUD_MLOPS_ADMIN_TOKEN'})
 
 
 @pytest.mark.parametrize('headers', [{}, {'Authorization': 'Bearer wrong'}, {'Authorization': f'Basic {TOKEN}'},
