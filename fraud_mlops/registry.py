@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['VERSION', 'CHAMPION', 'new_version_id', 'check_version', 'save_version', 'list_versions', 'delete_version',
-           'load_manifest', 'model_from', 'load_model', 'load_evidence', 'load_evaluation', 'sequence', 'next_sequence',
-           'read_champion', 'check_sequence', 'decision_key', 'log_pointer_decision', 'set_champion',
-           'champion_manifest', 'load_champion', 'record_decision', 'decided_versions', 'list_decisions',
-           'version_statuses', 'model_statuses']
+           'load_manifest', 'model_from', 'load_model', 'load_evidence', 'load_evaluation', 'load_reference',
+           'sequence', 'next_sequence', 'read_champion', 'check_sequence', 'decision_key', 'log_pointer_decision',
+           'set_champion', 'champion_manifest', 'load_champion', 'record_decision', 'decided_versions',
+           'list_decisions', 'version_statuses', 'model_statuses']
 
 # %% ../nbs/02c_registry.ipynb #476444ac
 import io, json, re, secrets, time
@@ -17,6 +17,7 @@ import joblib
 import numpy as np
 
 from .config import settings
+from .drift import check_reference
 from .signing import checked, signature_status, signed, trusted_keys
 from .store import ConflictError, IntegrityError, Missing, NoChampion, StoreError, sha256_hex, utcnow, who
 
@@ -41,16 +42,21 @@ def _npz_bytes(**arrays):
 def _joblib_bytes(obj):
     buf = io.BytesIO(); joblib.dump(obj, buf); return buf.getvalue()
 
-def save_version(store, model, manifest, eval_X, eval_y, eval_p=None):
-    "Write `model`, its evaluation rows (with `eval_p`, the candidate's own out-of-time P(fraud) of them) and `manifest` as a new version."
+def _entry(name, data, **more): return {'file': name, 'sha256': sha256_hex(data), **more}
+
+def save_version(store, model, manifest, eval_X, eval_y, eval_p=None, reference=None):
+    "Write `model`, its evaluation rows (with `eval_p`, its own out-of-time P(fraud) of them), its training `reference` and `manifest` as a new version."
     version = new_version_id()
     arrays = {'X': np.asarray(eval_X, dtype='float64'), 'y': np.asarray(eval_y, dtype='int64')}
     if eval_p is not None: arrays['p'] = np.asarray(eval_p, dtype='float64')
     files = {'model.joblib': _joblib_bytes(model), 'eval.npz': _npz_bytes(**arrays)}
+    if reference is not None: files['reference.json'] = json.dumps(check_reference(reference), separators=(',', ':')).encode()
     manifest = {'created_at': utcnow(), **manifest, 'version': version,
-                'model': {'file': 'model.joblib', 'sha256': sha256_hex(files['model.joblib']), 'bytes': len(files['model.joblib'])},
-                'evaluation': {'file': 'eval.npz', 'sha256': sha256_hex(files['eval.npz']),
-                               'rows': int(len(eval_y)), 'frauds': int(np.sum(eval_y)), 'probabilities': eval_p is not None}}
+                'model': _entry('model.joblib', files['model.joblib'], bytes=len(files['model.joblib'])),
+                'evaluation': _entry('eval.npz', files['eval.npz'], rows=int(len(eval_y)), frauds=int(np.sum(eval_y)),
+                                     probabilities=eval_p is not None),
+                **({'reference': _entry('reference.json', files['reference.json'], rows=reference['rows'],
+                                        score=reference.get('score') is not None)} if reference is not None else {})}
     manifest = signed(manifest)
     for name, data in files.items(): store.put(f'versions/{version}/{name}', data)
     store.put_new(f'versions/{version}/manifest.json', json.dumps(manifest, indent=1).encode())
@@ -121,6 +127,19 @@ def load_evaluation(store, manifest):
     "(X, y): the frozen evaluation rows of the version described by `manifest`, checked."
     ev = load_evidence(store, manifest)
     return ev['X'], ev['y']
+
+# %% ../nbs/02c_registry.ipynb #27bb1e88
+def load_reference(store, manifest):
+    "The training reference of the version described by checked `manifest`, verified against its SHA-256; None for a bundle saved without one."
+    entry, version = manifest.get('reference'), manifest['version']
+    if entry is None: return None
+    if not (isinstance(entry, dict) and isinstance(entry.get('file'), str) and isinstance(entry.get('sha256'), str)):
+        raise IntegrityError(f"manifest of version {version} has a malformed reference entry (needs file and sha256)")
+    data = _verified(store, version, entry)
+    try: reference = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IntegrityError(f"training reference of version {version} is not valid JSON ({e})") from None
+    return check_reference(reference, f'training reference of version {version}')
 
 # %% ../nbs/02c_registry.ipynb #ca90da76
 CHAMPION = 'champion.json'
