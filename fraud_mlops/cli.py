@@ -9,7 +9,6 @@ __all__ = ['EXIT_CODES', 'train_notebook', 'parse_value', 'JobFailed', 'job_erro
 
 # %% ../nbs/09_cli.ipynb #c0aea5d8
 import argparse, json, os, sys, time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import ConfigError, settings
@@ -129,10 +128,11 @@ def version_arg(text):
 # %% ../nbs/09_cli.ipynb #de37065b
 def time_arg(text):
     "ISO date or time `text` as an aware UTC datetime (no offset: UTC), else the argparse error (exit 2) saying so."
-    try: t = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date or time (e.g. 2026-12-01 or 2026-12-01T08:30:00Z)") from None
-    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    from fraud_mlops.predlog import utc_time   # the prediction log's reading of a time; Arrow is imported only by the commands that read it
+    try: t = utc_time(text)
+    except DataError: t = None
+    if t is None: raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date or time (e.g. 2026-12-01 or 2026-12-01T08:30:00Z)")
+    return t
 
 # %% ../nbs/09_cli.ipynb #be587a3f
 def _parser():
@@ -228,6 +228,11 @@ def _loop_parsers(sub, store):
     ex.add_argument('--append-to', metavar='CSV', help='write the rows of this training CSV first (e.g. data/creditcard.csv)')
 
 # %% ../nbs/09_cli.ipynb #b0dde1f3
+def _held(h):
+    "One `check_conditions` result as text: the condition, the value seen, and where."
+    where = ' '.join(x for x in (h['feature'], h['feature'] and 'in', 'version', h['version']) if x)
+    return f"{h['condition']} ({h['metric']} {h['value']:.4g}, {where}" + (f"; {h['count']} in all)" if h['count'] > 1 else ')')
+
 def _loop(args, store):
     "Run `labels add`, `monitor` or `export-training-data` on `store`."
     if getattr(args, 'since', None) and args.until and args.since >= args.until:
@@ -239,11 +244,13 @@ def _loop(args, store):
         print(json.dumps(r, indent=1) if args.json else labels.format_labels(r, frame.attrs['ignored_columns'])); return
     if args.command == 'export-training-data':
         print(labels.format_export(labels.export_training_data(store, args.out, args.since, args.until, args.append_to))); return
-    from fraud_mlops.monitor import check_conditions, format_monitor, monitor
+    from fraud_mlops.monitor import check_conditions, format_monitor, monitor, parse_conditions
+    if args.fail_on: parse_conditions(args.fail_on)          # a malformed expression is refused before the log is read
     summary = monitor(store, args.since, args.until, args.scheduler)
     held = check_conditions(summary, args.fail_on) if args.fail_on else []
-    print(json.dumps(summary, indent=1) if args.json else format_monitor(summary))
-    if held: raise ConditionHeld('; '.join(map(str, held)))
+    print(json.dumps({**summary, 'held': held} if args.fail_on else summary, indent=1) if args.json else format_monitor(summary))
+    if args.json and not summary['rows']: print(format_monitor(summary), file=sys.stderr)
+    if held: raise ConditionHeld(f"--fail-on held: {'; '.join(map(_held, held))}")
 
 # %% ../nbs/09_cli.ipynb #2393a59d
 def _summary(d):
