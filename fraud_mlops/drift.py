@@ -29,7 +29,7 @@ PSI_GROUPS = 10   # PSI compares deciles: groups of BINS // PSI_GROUPS adjacent 
 # %% ../nbs/01e_drift.ipynb #f879a9a0
 def counts_in(edges, V):
     "Int64 (k, BINS) counts of the columns of `V` (n, k) in the bins of `edges` (k, BINS - 1): bin = searchsorted(edges, x, 'right')."
-    S = np.sort(np.asarray(V, dtype='float64').T, axis=1)
+    S = np.array(np.asarray(V, dtype='float64').T, order='C'); S.sort(axis=1)   # each column contiguous, sorted in place
     below = np.array([np.searchsorted(s, e, side='left') for s, e in zip(S, edges)], dtype='int64').reshape(len(S), -1)
     n = np.full((len(S), 1), S.shape[1], dtype='int64')
     return np.diff(below, prepend=0, append=n, axis=1)
