@@ -179,6 +179,7 @@ def observe(asgi, tel):
     async def middleware(scope, receive, send):
         if scope['type'] != 'http': return await asgi(scope, receive, send)
         start, status, rid = time.perf_counter(), [500], tel.request_id(scope)
+        scope['request_id'] = rid  # for the prediction log
         async def send_with_id(message):
             if message['type'] == 'http.response.start':
                 status[0] = message['status']

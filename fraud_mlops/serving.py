@@ -276,7 +276,7 @@ async def post_labels(request: Request, w: Annotated[Worker, Depends(worker)]):
     records = [{'transaction_id': x.transaction_id, 'label': x.label, **({'label_time': x.label_time.isoformat()} if x.label_time else {})} for x in sent]
     try: return await asyncio.to_thread(lambda: add_labels(open_store(w.store, create=True), labels_from_records(records), 'api'))
     except DataError as e: raise HTTPException(422, str(e)) from None
-    except StoreError as e: raise HTTPException(503, f'labels not written: {e}') from None
+    except (StoreError, OSError) as e: raise HTTPException(503, f'labels not written: {e}') from None
 
 # %% ../nbs/06d_serving.ipynb #11d0cc66
 class FastPathError(TypeError):
