@@ -228,8 +228,9 @@ def export_training_data(store, out, since=None, until=None, append_to=None):
     labels, where, skipped = latest_labels(store), f'the prediction log of {store.uri}', []
     if not len(labels): raise DataError(f"no labels in {store.uri} yet (add some with `fraud-mlops labels add FILE`); nothing was written")
     best, logged = latest_times(store, labels, since, until, skipped)
-    if not logged: raise DataError(f"no predictions logged in {store.uri} yet" + (' in that time window' if since or until else '') + '; nothing was written')
-    if not (best >= 0).any(): raise DataError(f"none of the {len(labels):,} labelled transactions is in {where}" + (' in that time window' if since or until else '') + '; nothing was written')
+    window = ' in that time window' if since or until else ''
+    if not logged: raise DataError(f"no predictions logged in {store.uri}{window or ' yet'}; nothing was written")
+    if not (best >= 0).any(): raise DataError(f"none of the {len(labels):,} labelled transactions is in {where}{window}; nothing was written")
     written, rows, frauds = np.zeros(len(labels), bool), 0, 0
     with temp_file(out) as tmp:
         with open(tmp, 'wb') as f:

@@ -100,3 +100,46 @@ def test_make_help_lists_every_documented_target():
     out = subprocess.run(['make', '-s', 'help'], cwd=root, capture_output=True, text=True, check=True).stdout
     assert [line.split()[0] for line in out.splitlines()] == [t for t, _ in documented]
     assert {'help', 'install', 'run', 'test', 'test-fast', 'bench', 'bench-quality'} <= {t for t, _ in documented}
+
+
+def test_monitor_without_a_log_says_so_and_no_condition_holds(cli, store):
+    r = cli('monitor', '--store', store.root, '--fail-on', 'recall<0.99,psi>0')
+    assert (r.returncode, r.stdout, r.stderr) == (0, f'no predictions logged in {store.root} yet\n', '')
+    r = cli('monitor', '--store', store.root, '--json', '--since', '2026-12-01')
+    assert r.returncode == 0 and json.loads(r.stdout)['rows'] == 0
+    assert r.stderr == f'no predictions logged in {store.root} yet (since 2026-12-01T00:00:00+00:00)\n'
+    r = cli('monitor', '--store', store.root, '--fail-on', 'recall<<0.5')
+    assert r.returncode == 2 and "bad operator '<<'" in r.stderr
+    r = cli('monitor', '--store', store.root, '--until', '2026-12-01T25:00')
+    assert r.returncode == 2 and "'2026-12-01T25:00' is not an ISO date or time" in r.stderr
+
+
+def test_labels_monitor_and_export_as_a_user_runs_them(cli, store, ci_df, tmp_path):
+    "A log written by PredictionLog; then the commands: labels (text and --json), monitor (--json, --fail-on 3 and 0), export (--append-to)."
+    import numpy as np
+    import pandas as pd
+    from fraud_mlops.data import FEATURES, load_transactions
+    from fraud_mlops.predlog import PredictionLog
+    rows = ci_df.iloc[:1000]
+    p = np.linspace(0, 1, 1000)                          # placeholder scores (the model is not the point): quality is whatever it is
+    plog = PredictionLog(store)
+    plog.record_many(1764590400.0, 'req', [f'tx-{i}' for i in range(1000)], 'v1', p, p >= 0.5, rows[FEATURES].to_numpy())  # 2025-12-01T12:00Z
+    plog.close()
+    pd.DataFrame({'transaction_id': [f'tx-{i}' for i in range(400)] + ['never-1'], 'label': [*rows.Class[:400], 1]}).to_csv(tmp_path/'l.csv', index=False)
+    r = cli('labels', 'add', tmp_path/'l.csv', '--store', store.root, '--json')
+    added = json.loads(r.stdout)
+    assert (r.returncode, added['written'], added['matched'], added['unmatched_examples']) == (0, 401, 400, ['never-1'])
+    s = json.loads(cli('monitor', '--store', store.root, '--json').stdout)
+    assert (s['rows'], s['labels'], s['versions'][0]['labelled']) == (1000, {'total': 401, 'matched': 400, 'unmatched': 1}, 400)
+    r = cli('monitor', '--store', store.root, '--fail-on', 'coverage<0.5')
+    assert r.returncode == 3 and r.stderr == 'error: --fail-on held: coverage<0.5 (coverage 0.4, version v1)\n'
+    assert r.stdout.startswith(f'{store.root}: 1,000 logged predictions')
+    held = json.loads(cli('monitor', '--store', store.root, '--json', '--fail-on', 'coverage<0.5').stdout)['held']
+    assert held == [{'condition': 'coverage<0.5', 'metric': 'coverage', 'value': 0.4, 'version': 'v1', 'feature': None, 'count': 1}]
+    assert cli('monitor', '--store', store.root, '--fail-on', 'coverage<0.3', '--since', '2025-12-01', '--until', '2025-12-02').returncode == 0
+    ci_df.iloc[5000:5100].to_csv(tmp_path/'original.csv', index=False)
+    r = cli('export-training-data', tmp_path/'out.csv', '--store', store.root, '--append-to', tmp_path/'original.csv')
+    assert r.stdout == f"exported 400 labelled transaction(s) ({rows.Class[:400].sum()} fraud) to {tmp_path/'out.csv'}, after 100 rows of the original data\n"
+    assert len(load_transactions(tmp_path/'out.csv')) == 500
+    r = cli('export-training-data', tmp_path/'none.csv', '--store', store.root, '--since', '2025-12-02')
+    assert r.returncode == 2 and 'no predictions logged' in r.stderr and not (tmp_path/'none.csv').exists()
