@@ -141,6 +141,7 @@ def labels_from_records(records):
     "The `read_labels` frame of a list of dicts `{transaction_id, label, label_time?}` (the items of a `POST /labels` body)."
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise DataError("labels: expected a list of objects {transaction_id, label, label_time?}")
+    if not records: raise DataError("labels: the list is empty; nothing was written")
     df = pd.DataFrame.from_records(records, columns=sorted({k for r in records for k in r}, key=str))
     return check_labels(df, 'labels', lambda i: f'labels[{i}]')
 
