@@ -8,7 +8,8 @@ from typing import NamedTuple
 import httpx
 import pytest
 
-from fraud_mlops.data import CI_SUBSET, load_transactions, resolve_path
+from fraud_mlops.data import CI_SUBSET, FEATURES, load_transactions, resolve_path
+from fraud_mlops.drift import training_reference
 from fraud_mlops.registry import read_champion, save_version, set_champion
 from fraud_mlops.store import open_store
 from fraud_mlops.train import build_manifest, train_candidate
@@ -74,7 +75,8 @@ def add_candidate(ci_df):
         params = {'model': 'lgbm', 'n_estimators': 20, 'n_jobs': 1, **params}   # mechanics, not quality: the small, fast model
         r = train_candidate(ci_df, **params)
         m = build_manifest(r, CI_SUBSET, 'ci', len(ci_df), int(ci_df.Class.sum()), params)
-        return save_version(store, r.model, m, r.evidence['X'], r.evidence['y'], r.evidence['p'])['version']
+        reference = training_reference(ci_df[FEATURES].to_numpy(), r.evidence['p'])  # as the training job saves it
+        return save_version(store, r.model, m, r.evidence['X'], r.evidence['y'], r.evidence['p'], reference=reference)['version']
     return add
 
 

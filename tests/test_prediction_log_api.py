@@ -125,13 +125,15 @@ def test_the_log_can_be_turned_off(api_server, store, champion, example_request)
 
 def test_metrics_show_the_live_window(api_server, store, champion, rows):
     server = api_server({'FRAUD_MLOPS_STORE': str(store.root), 'FRAUD_MLOPS_LOG_FLUSH_SECONDS': '0.1', **FAST})
-    assert httpx.post(f'{server.url}/predict/batch', json={'instances': rows[:500].tolist()}).status_code == 200
+    sample = rows[np.random.default_rng(0).choice(len(rows), 2000, replace=False)]  # like the training rows, in any order
+    assert httpx.post(f'{server.url}/predict/batch', json={'instances': sample.tolist()}).status_code == 200
     deadline = time.monotonic() + 10
-    while metric(server.url, 'fraud_mlops_window_rows') < 500: assert time.monotonic() < deadline; time.sleep(0.1)
+    while metric(server.url, 'fraud_mlops_window_rows') < 2000: assert time.monotonic() < deadline; time.sleep(0.1)
     assert 0 <= metric(server.url, 'fraud_mlops_window_alert_rate') <= 1
-    text = httpx.get(f'{server.url}/metrics').text
-    if 'fraud_mlops_window_feature_psi' in text:  # bundles saved with a training reference (03_train does) have the PSI gauges
-        assert text.count('fraud_mlops_window_feature_psi{feature=') == len(FEATURES)
+    psi = {line.split('"')[1]: float(line.split()[-1]) for line in httpx.get(f'{server.url}/metrics').text.splitlines()
+           if line.startswith('fraud_mlops_window_feature_psi{')}
+    assert sorted(psi) == sorted(FEATURES) and max(psi.values()) < 0.2  # the training rows themselves: nothing has moved
+    assert 0 <= metric(server.url, 'fraud_mlops_window_score_psi') < 10
 
 
 def test_labels_over_http(api_server, store, champion, rows):
