@@ -239,12 +239,12 @@ def export_training_data(store, out, since=None, until=None, append_to=None):
             with pcsv.CSVWriter(f, pa.schema([(c, pa.float64()) for c in FEATURES] + [(TARGET, pa.int64())]),
                                 write_options=pcsv.WriteOptions(include_header=False)) as writer:
                 if original is not None: _write_csv(writer, original)
-                for table in read_log(store, since, until, columns=['time', 'transaction_id', *FEATURES]):
+                for table in read_log(store, since, until, columns=['time', 'transaction_id', *FEATURES], skipped=skipped):
                     frame = _exported(table, labels, best, written, where)
                     if len(frame): _write_csv(writer, frame); rows += len(frame); frauds += int(frame[TARGET].sum())
         replace_file(tmp, out)
     return {'rows': rows, 'frauds': frauds, 'file': str(out), 'original_rows': 0 if original is None else len(original),
-            'skipped_files': [k for k, _ in skipped]}
+            'skipped_files': sorted({k for k, _ in skipped})}
 
 # %% ../nbs/05e_labels.ipynb #8329c414
 def format_labels(r, ignored=()):

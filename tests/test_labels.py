@@ -240,3 +240,12 @@ def test_labels_on_s3_round_trip(mock_s3_uri, ci_df, tmp_path):
     assert code == 2 and "label must be 0 or 1 (line 2: '2')" in err and len(store.keys('labels')) == 1
     code, out, err = run_cli('export-training-data', tmp_path/'out.csv', '--store', mock_s3_uri)
     assert code == 0 and len(load_transactions(tmp_path/'out.csv')) == 40, err
+
+
+def test_an_unreadable_log_file_is_skipped_and_named(store, labelled, tmp_path):
+    add_labels(store, read_labels(_csv(tmp_path, [f'ci-{i}' for i in range(10)], [0] * 10)), 'l.csv')
+    broken = 'predictions/date=2026-12-01/version=v1/20261201T000000.000000Z-other-000001.parquet'
+    store.put(broken, b'not parquet')
+    code, out, err = run_cli('export-training-data', tmp_path/'out.csv', '--store', store.root)
+    assert code == 0 and out.splitlines() == [f"exported 10 labelled transaction(s) (0 fraud) to {tmp_path/'out.csv'}",
+                                              f'  warning: skipped unreadable log file {broken}'], (out, err)
