@@ -249,3 +249,21 @@ def test_an_unreadable_log_file_is_skipped_and_named(store, labelled, tmp_path):
     code, out, err = run_cli('export-training-data', tmp_path/'out.csv', '--store', store.root)
     assert code == 0 and out.splitlines() == [f"exported 10 labelled transaction(s) (0 fraud) to {tmp_path/'out.csv'}",
                                               f'  warning: skipped unreadable log file {broken}'], (out, err)
+
+
+def test_the_export_holds_one_log_file_at_a_time(store, ci_df, tmp_path, monkeypatch):
+    "Memory flat in the log's size: a table read from the log is released once the next one is read (the loop holds the one before), in both passes."
+    import weakref
+    import fraud_mlops.labels as labels_module
+    for day in range(12):                                           # 12 files of 500 rows, one a day
+        log_rows(store, ci_df.iloc[500 * day:500 * (day + 1)], [f'd{day}-{i}' for i in range(500)], t=DAY1 + 86_400 * day)
+    add_labels(store, read_labels(_csv(tmp_path, [f'd{day}-0' for day in range(12)], [1] * 12)), 'l.csv')
+    seen, most, read = [], [0], labels_module.read_log
+    def watched(*args, **kw):
+        for table in read(*args, **kw):
+            seen.append(weakref.ref(table))
+            most[0] = max(most[0], sum(r() is not None for r in seen))
+            yield table
+    monkeypatch.setattr(labels_module, 'read_log', watched)
+    r = export_training_data(store, tmp_path/'out.csv')
+    assert r['rows'] == 12 and len(seen) == 24 and most[0] == 2
