@@ -11,7 +11,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 export FRAUD_MLOPS_STORE ?= registry
 
-.PHONY: help install data train promote serve run test test-fast lint lint-tools lab bench bench-scale bench-quality clean
+.PHONY: help install data train promote serve run test test-fast lint lint-tools lab bench bench-scale bench-quality demo-loop clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -74,6 +74,9 @@ bench-scale: install ## file scoring at 1x, 4x and 16x the full data (rows repli
 
 bench-quality: install ## detection quality on later data: the default against the seed's recipe at several time cuts (CUTS=s,s,...)
 	$(BIN)/python bench/quality_bench.py --data $(DATA) $(if $(CUTS),--cuts $(CUTS))
+
+demo-loop: data ## the loop on real data, checked: train on day 1, serve, replay day 2 with ids, late labels, monitor, a shifted replay's drift (a few minutes)
+	$(BIN)/python bench/demo_loop.py --data $(DATA)
 
 lab: install ## JupyterLab on nbs/ with the package installed in editable mode
 	$(BIN)/jupyter lab --notebook-dir=nbs
