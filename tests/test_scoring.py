@@ -10,7 +10,8 @@ import pytest
 
 from fraud_mlops.data import FEATURES
 from fraud_mlops.store import s3_client
-from fraud_mlops.scoring import OUTPUT_COLUMNS, score_file, sidecar
+from fraud_mlops.scoring import score_file, sidecar
+from fraud_mlops.scoring_files import OUTPUT_COLUMNS
 
 
 @pytest.fixture(autouse=True)
