@@ -1,11 +1,13 @@
 """`fraud-mlops deploy` against moto: the README's path from an empty account (the CloudFormation stack of
 .aws/cloudformation.yml, the first deployment, the service, the next deployment), and the command's failures
 as a user meets them, over HTTP against a moto server."""
-import json, subprocess, sys, uuid
+import json, os, subprocess, sys, time, uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 import boto3
+import numpy as np
+import pandas as pd
 import pytest
 from botocore.exceptions import ClientError
 
@@ -207,6 +209,44 @@ def test_a_new_stack_trains_its_first_model_without_monitoring(weekly_job):
         assert code == 0 and calls == ['models --json', 'fetch-data --dest /tmp/creditcard.csv', 'train --data /tmp/creditcard.csv', 'promote'], (calls, out)
     code, calls, out = weekly_job([], models=4)   # the store unreachable (whatever was printed): the job fails, trains nothing
     assert code != 0 and calls == ['models --json'], out
+
+
+STAND_IN = """#!/bin/sh
+# the real fraud-mlops, except that fetch-data copies the CI subset (no network) and train skips the report's comparisons
+case $1 in
+  fetch-data) cp "$CI_DATA" "$3" ;;
+  train) exec "$REAL" "$@" -p compare_with '' -p n_boot 100 ;;
+  *) exec "$REAL" "$@" ;;
+esac
+"""
+
+
+@pytest.mark.slow   # a training job
+def test_the_weekly_job_retrains_for_real_when_an_input_moved(tmp_path, store, champion, ci_df):
+    "The job's shell with the real commands on a local store: a week of logged traffic with V14 moved and its labels -> retrained, decided."
+    from fraud_mlops.data import CI_SUBSET, FEATURES
+    from fraud_mlops.labels import add_labels, labels_from_records
+    from fraud_mlops.predlog import PredictionLog
+    from fraud_mlops.registry import list_decisions
+    day2 = ci_df[ci_df.Time >= 86_400]
+    X = day2[FEATURES].to_numpy(copy=True); X[:, FEATURES.index('V14')] += 3
+    ids = [f'tx-{i}' for i in day2.index]
+    log = PredictionLog(store)
+    log.record_many(time.time() - 86_400, 'weekly-test', ids, champion, np.zeros(len(X)), np.zeros(len(X), bool), X)
+    log.close()
+    add_labels(store, labels_from_records([{'transaction_id': i, 'label': int(c)} for i, c in zip(ids, day2.Class)]), 'test')
+    fake = tmp_path/'bin'; fake.mkdir()
+    (fake/'fraud-mlops').write_text(STAND_IN); (fake/'fraud-mlops').chmod(0o755)
+    job = training_container()
+    env = {**os.environ, 'PATH': f"{fake}:{BIN}:/usr/bin:/bin", 'REAL': str(BIN/'fraud-mlops'), 'CI_DATA': str(ROOT/CI_SUBSET),
+           'FRAUD_MLOPS_STORE': str(store.root), 'DATA_PATH': str(tmp_path/'creditcard.csv'), 'RETRAIN_PATH': str(tmp_path/'retrain.csv'),
+           'RETRAIN_WHEN': 'psi>0.2,recall<0.6', 'MONITOR_DAYS': '7', 'EXPORT_DAYS': '90'}
+    r = subprocess.run([*job['EntryPoint'], *job['Command']], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert 'retraining: a condition of psi>0.2,recall<0.6 holds' in r.stdout and 'V14' in r.stderr   # monitor names what held
+    assert len(pd.read_csv(tmp_path/'retrain.csv')) == len(ci_df) + len(day2)                    # the original, then the week
+    decision = list_decisions(store)[-1]
+    assert decision['candidate'] != champion and decision['decision'] in ('promoted', 'rejected'), decision
 
 
 def test_the_weekly_job_passes_shellcheck():
