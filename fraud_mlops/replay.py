@@ -38,6 +38,8 @@ def replay_frame(rows, shift=None):
         path = resolve_path(rows)
         df = load_transactions(path, labelled=TARGET in csv_header(path))
     df = df[FEATURES]
+    if not df.index.is_unique:
+        raise DataError(f"replay rows: the index repeats {df.index[df.index.duplicated()][0]}; the transaction ids are made of it (reset_index() first)")
     if shift is None: return df
     if callable(shift): shifted, where = shift(df.copy()), 'the shifted rows'
     else:
