@@ -115,7 +115,7 @@ def key_folder(env=None):
 CORES = 'the cores this process may use'
 VARS = {
     'store': Var('FRAUD_MLOPS_STORE', text, 'registry', 'model store: a folder, or s3://bucket/prefix'),
-    'admin_token': Var('FRAUD_MLOPS_ADMIN_TOKEN', text, '', 'bearer token of `POST /reload`; unset, reloading over HTTP is off',
+    'admin_token': Var('FRAUD_MLOPS_ADMIN_TOKEN', text, '', 'bearer token of `POST /reload` and `POST /labels`; unset, both are off',
                        'unset', secret=True),
     'signing_key': Var('FRAUD_MLOPS_SIGNING_KEY', text, '', 'Ed25519 private key (PEM text, or the path of a PEM file) that training and '
                        'promotion sign with; unset, the one in the key folder, made on first use for a local store', 'unset', secret=True, blank=False),
