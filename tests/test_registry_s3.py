@@ -352,7 +352,7 @@ def test_train_with_papermill_into_s3_then_promote_serve_reload_and_roll_back(pa
     assert httpx.post(f'{url}/predict', json=example_request, timeout=5).json()['model_version'] == first
     papermill_train(tmp_path/'out.ipynb', s3_uri, n_estimators=30, compare_with='')
     trained, = set(list_versions(store)) - {first}
-    assert store.keys(f'versions/{trained}') == [f'versions/{trained}/{f}' for f in ('eval.npz', 'manifest.json', 'model.joblib')]
+    assert store.keys(f'versions/{trained}') == [f'versions/{trained}/{f}' for f in ('eval.npz', 'manifest.json', 'model.joblib', 'reference.json')]
     assert load_manifest(store, trained)['data']['rows'] == 10_000
     notify = {'API_URL': url, 'FRAUD_MLOPS_ADMIN_TOKEN': TOKEN}
     r = cli('promote', '--store', s3_uri, env=notify)
