@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from .cluster import close_dask, dask_client
 from .data import FEATURES, DataError
-from .drift import PSI_ALERT, bin_counts, drift_rows, psi, score_bin_counts
+from .drift import MIN_DRIFT_ROWS, PSI_ALERT, bin_counts, drift_rows, psi, score_bin_counts
 from .labels import latest_labels
 from .predlog import log_files, read_log, utc_time
 from .registry import load_manifest, load_reference
@@ -223,8 +223,8 @@ def quality_summary(tally, n_boot=200, seed=0):
 
 # %% ../nbs/07a_monitor.ipynb #9fbddf8b
 def drift_summary(tally, reference):
-    "{'drift': per-feature drift rows (PSI descending), 'score_psi', 'score_ks'} of `tally` against `reference`; all None without one."
-    if reference is None or tally.features is None: return {'drift': None, 'score_psi': None, 'score_ks': None}
+    "{'drift': per-feature drift rows (PSI descending), 'score_psi', 'score_ks'} of `tally` against `reference`; all None without one or under `MIN_DRIFT_ROWS` rows."
+    if reference is None or tally.features is None or tally.rows < MIN_DRIFT_ROWS: return {'drift': None, 'score_psi': None, 'score_ks': None}
     rows = drift_rows(reference, tally.features, tally.scores)
     score = next((r for r in rows if r['feature'] == 'score'), {'psi': None, 'ks': None})
     return {'drift': [r for r in rows if r['feature'] != 'score'], 'score_psi': score['psi'], 'score_ks': score['ks']}
@@ -251,11 +251,13 @@ def monitor(store, since=None, until=None, scheduler=None, n_boot=200):
     for (date, version), t in sorted(tallies.items()):
         ref = references.get(version)
         days.append({'date': date, 'version': version, **quality_summary(t, n_boot), 'median_label_delay_hours': median_delay_hours(t.delays),
-                     'score_psi': psi(ref['score']['counts'], t.scores) if ref and t.scores is not None else None})
+                     'score_psi': psi(ref['score']['counts'], t.scores) if ref and t.scores is not None and t.rows >= MIN_DRIFT_ROWS else None})
         per_version.setdefault(version, Tally()).merge(t)
     versions = [{'version': v, **quality_summary(t, n_boot), 'median_label_delay_hours': median_delay_hours(t.delays),
                  **drift_summary(t, references.get(v))} for v, t in sorted(per_version.items())]
     features = worst_features(versions)
+    notes += [f"version {v['version']}: {v['rows']} rows, too few for drift (PSI and KS need {MIN_DRIFT_ROWS})" for v in versions
+              if v['rows'] < MIN_DRIFT_ROWS and references.get(v['version']) is not None]
     return {'store': store.uri, 'since': since and since.isoformat(), 'until': until and until.isoformat(),
             'rows': sum(v['rows'] for v in versions), 'labels': {'total': len(lookup.ids), 'matched': matched, 'unmatched': len(lookup.ids) - matched},
             'versions': versions, 'days': days, 'features': features,

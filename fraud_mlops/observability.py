@@ -15,7 +15,7 @@ import orjson
 
 from .cluster import is_s3
 from .data import FEATURES
-from .drift import bin_counts, psi, reference_counts, score_bin_counts
+from .drift import MIN_DRIFT_ROWS, bin_counts, psi, reference_counts, score_bin_counts
 from .predlog import PredictionLog
 from .store import S3Store, open_store
 
@@ -64,7 +64,7 @@ def window_families(plog, served):
     if not len(p): return
     yield GaugeMetricFamily('fraud_mlops_window_alert_rate', 'Share of fraud verdicts among the recent answers.', value=float(np.mean(fraud)))
     ref = getattr(served, 'reference', None)
-    if ref is None: return
+    if ref is None or len(p) < MIN_DRIFT_ROWS: return  # too few rows: their PSI is sampling noise
     g = GaugeMetricFamily('fraud_mlops_window_feature_psi', "PSI of each input over the recent answers against the served model's "
                           'training reference (above 0.2: a major shift).', labels=['feature'])
     for f, e, o in zip(FEATURES, reference_counts(ref), bin_counts(ref, X)): g.add_metric([f], psi(e, o))

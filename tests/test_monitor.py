@@ -248,11 +248,22 @@ def test_monitor_reads_an_s3_store(mock_s3_uri, fitted):
     X, y, p, _, _, _ = fitted
     store = open_store(mock_s3_uri, create=True)
     v = new_version(store, fitted)
-    record(store, v, X[:400], p[:400], np.arange(400), np.arange(400) % 30)
+    record(store, v, X[:600], p[:600], np.arange(600), np.arange(600) % 30)
     add_labels(store, labels(np.arange(200), y[:200], np.zeros(200)), 'test')
     s = monitor(mock_s3_uri, n_boot=0)
-    assert (s['store'], s['rows'], s['versions'][0]['labelled'], len(s['days'])) == (mock_s3_uri, 400, 200, 2)
-    assert s['versions'][0]['drift'] is not None
+    assert (s['store'], s['rows'], s['versions'][0]['labelled'], len(s['days'])) == (mock_s3_uri, 600, 200, 2)
+    assert s['versions'][0]['drift'] is not None  # 600 rows: over MIN_DRIFT_ROWS
+
+
+def test_too_few_rows_for_drift_report_none_and_say_so(tmp_path, fitted):
+    X, y, p, _, _, _ = fitted
+    store = open_store(tmp_path / 'few', create=True)
+    v = new_version(store, fitted)
+    record(store, v, X[:40], p[:40], np.arange(40), np.zeros(40, int))
+    s = monitor(store, n_boot=0)
+    assert (s['rows'], s['versions'][0]['drift'], s['versions'][0]['score_psi'], s['features'], s['top_drifting']) == (40, None, None, [], [])
+    assert any('too few for drift' in n for n in s['notes'])
+    assert check_conditions(s, 'psi>0.2') == []  # noise never trips --fail-on
 
 
 def peak_bytes(store):
