@@ -168,7 +168,7 @@ def test_the_api_reads_only_the_model_prefix_and_training_writes_it():
     def actions(role):
         return {a for p in r[role]['Properties']['Policies'] for s in p['PolicyDocument']['Statement']
                 for a in ([s['Action']] if isinstance(s['Action'], str) else s['Action'])}
-    assert actions('ApiTaskRole') == {'s3:GetObject', 's3:ListBucket'}
+    assert actions('ApiTaskRole') == {'s3:GetObject', 's3:ListBucket', 's3:PutObject'}   # PutObject: new files in predictions/ and labels/ only (tests/test_deploy.py)
     assert actions('TrainingTaskRole') == {'s3:GetObject', 's3:PutObject', 's3:DeleteObject', 's3:ListBucket'}
     for role in ('ApiTaskRole', 'TrainingTaskRole'):
         objects = r[role]['Properties']['Policies'][0]['PolicyDocument']['Statement'][0]['Resource']
