@@ -254,7 +254,7 @@ def main():
         off_env = {'FRAUD_MLOPS_STORE': store, 'FRAUD_MLOPS_PREDICTION_LOG': '0'}
         proc, url = start('fraud_mlops.serving:app', off_env, args.workers, f'{tmp}/nopredlog.log', quiet=True)
         try: off = {'c8': load(f'{url}/predict', files['single'], 8, args.seconds, tmp),
-                    'batch': load(f'{url}/predict/batch', files['batch'], 2, args.seconds, tmp)}
+                    'batch': load(f'{url}/predict/batch', files['batch'], 1, args.seconds, tmp)}
         finally: stop(proc)
         proc, url = start('fraud_mlops.serving:app', {'FRAUD_MLOPS_STORE': store}, args.workers, f'{tmp}/predlog.log', quiet=True)
         try: on_again = load(f'{url}/predict', files['single'], 8, args.seconds, tmp)  # on, off, on: the machine's drift shows
