@@ -256,6 +256,7 @@ def main():
         try: off = {'c8': load(f'{url}/predict', files['single'], 8, args.seconds, tmp),
                     'batch': load(f'{url}/predict/batch', files['batch'], 1, args.seconds, tmp)}
         finally: stop(proc)
+        off['batch'] = (off['batch'][0] * args.batch_rows, *off['batch'][1:])  # rows/s, as `measure` reports batches
         proc, url = start('fraud_mlops.serving:app', {'FRAUD_MLOPS_STORE': store}, args.workers, f'{tmp}/predlog.log', quiet=True)
         try: on_again = load(f'{url}/predict', files['single'], 8, args.seconds, tmp)  # on, off, on: the machine's drift shows
         finally: stop(proc)
