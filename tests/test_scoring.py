@@ -134,6 +134,37 @@ def test_s3_input_and_output_through_a_moto_server(cli, s3_uri, s3_champion, inp
     assert r.returncode == 0 and [o['Key'] for o in s3.list_objects_v2(Bucket=bucket, Prefix='out/')['Contents']] == ['out/bad.csv', 'out/ci.parquet']
 
 
+def test_log_records_every_scored_row_in_the_s3_stores_prediction_log(cli, s3_uri, s3_champion, inputs, tmp_path):
+    "`score --log` with the store on S3: each good row logged once, its id as text, the output's probability, source score."
+    from fraud_mlops.predlog import read_log
+    store, v = s3_champion
+    df, d = inputs
+    bad = df.copy(); bad.loc[7, 'V3'] = np.nan; bad.to_csv(tmp_path/'bad.csv', index=False)
+    r = cli('score', tmp_path/'bad.csv', tmp_path/'out.parquet', '--store', s3_uri, '--log', '--chunk-rows', '3000')
+    assert r.returncode == 0 and 'scored 9,999 of 10,000 rows' in r.stdout, r.stderr
+    logged = pd.concat([t.to_pandas() for t in read_log(store)]).sort_values('transaction_id', key=lambda s: s.astype(int))
+    out = read(tmp_path/'out.parquet')
+    assert logged.transaction_id.tolist() == [str(i) for i in out.id] and len(logged) == 9_999       # the bad row got no answer
+    assert logged.fraud_probability.tolist() == out.fraud_probability.tolist()
+    assert np.array_equal(logged[FEATURES].to_numpy(), bad.drop(index=7)[FEATURES].to_numpy())
+    assert set(logged.source) == {'score'} and set(logged.model_version) == {v} and logged.request_id.nunique() == 4
+
+
+def test_a_log_store_that_refuses_writes_does_not_fail_the_scoring_but_says_so(champion, store, inputs, tmp_path, monkeypatch, capsys):
+    from fraud_mlops import scoring
+    from fraud_mlops.store import LocalStore
+    put_new = LocalStore.put_new
+    def refuse(self, key, data):
+        if key.startswith('predictions/'): raise OSError(28, 'No space left on device')
+        return put_new(self, key, data)
+    monkeypatch.setattr(LocalStore, 'put_new', refuse)
+    monkeypatch.setattr(scoring, 'LOG_CLOSE_SECONDS', 0.3)
+    s = score_file(inputs[1]/'ci.csv', tmp_path/'out.csv', store.root, rows=3_000, progress=False, log=True)
+    assert s['scored'] == 10_000 and s['logged'] == 0 and (tmp_path/'out.csv').exists()
+    assert 'prediction log: 10,000 of 10,000 scored rows not logged' in capsys.readouterr().err
+    assert not store.keys('predictions')
+
+
 # ---------------------------------------------------------------- the Dask engine: 2 worker processes on 127.0.0.1
 
 @pytest.fixture(scope='module')
