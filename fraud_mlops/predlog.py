@@ -272,7 +272,10 @@ class PredictionLog:
             self._thread.start()
         return self
 
-    def _failing(self): return bool(self._held) and self._held[0][3] > 0
+    def _failing(self):
+        "Whether the oldest file waiting has failed before (then the thread waits for `flush_seconds`, not for rows)."
+        try: return self._held[0][3] > 0
+        except IndexError: return False    # none waiting (or `flush` in another thread just took the last)
 
     def _run(self):
         "The writer thread: flush when due, until `close`."
@@ -332,7 +335,7 @@ def _day(text):
     except ValueError: return None
 
 def log_files(store, since=None, until=None):
-    "Sorted (date, version, key) of the log files whose partition date may hold rows made in [`since`, `until`)."
+    "Sorted (date as YYYY-MM-DD text, version, key) of the log files whose partition date may hold rows made in [`since`, `until`)."
     since, until = _window(since, until)
     out = []
     for key in store.keys(PREFIX):
