@@ -201,10 +201,10 @@ def _score(args):
     "Run `score` and print one line about it."
     from fraud_mlops.scoring import score_file
     r = score_file(args.input, args.output, args.store, args.version, args.on_error, args.chunk_rows, args.id_column,
-                   'dask' if args.scheduler else args.engine, args.scheduler, progress=sys.stderr.isatty(),
-                   **({'log': True} if args.log else {}))
+                   'dask' if args.scheduler else args.engine, args.scheduler, progress=sys.stderr.isatty(), log=args.log)
     print(f"scored {r['scored']:,} of {r['rows']:,} rows with model {r['model_version']} ({r['engine']}, {r['seconds']:.1f} s): "
-          f"{r['output']}" + (f"; {r['bad_rows']:,} bad rows listed in {r['bad_rows_file']}" if r['bad_rows'] else ''))
+          f"{r['output']}" + (f"; {r['bad_rows']:,} bad rows listed in {r['bad_rows_file']}" if r['bad_rows'] else '')
+          + (f"; {r['logged']:,} answers logged in {r['log_store']}" if r['logged'] is not None else ''))
 
 # %% ../nbs/09_cli.ipynb #a3b85f9d
 class ConditionHeld(Exception):

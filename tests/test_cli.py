@@ -143,3 +143,31 @@ def test_labels_monitor_and_export_as_a_user_runs_them(cli, store, ci_df, tmp_pa
     assert len(load_transactions(tmp_path/'out.csv')) == 500
     r = cli('export-training-data', tmp_path/'none.csv', '--store', store.root, '--since', '2025-12-02')
     assert r.returncode == 2 and 'no predictions logged' in r.stderr and not (tmp_path/'none.csv').exists()
+
+
+
+@pytest.mark.slow
+def test_the_weekly_loop_score_log_labels_monitor_export_train(cli, store, champion, ci_df, tmp_path):
+    "score --log with ids, labels add, monitor --fail-on (3), export-training-data --append-to, then train on the export: the weekly schedule's steps."
+    import pandas as pd
+    from fraud_mlops.data import load_transactions
+    day = ci_df.iloc[:3000].copy()
+    day.insert(0, 'id', [f'tx-{i}' for i in range(3000)])
+    day.drop(columns='Class').to_csv(tmp_path/'day.csv', index=False)
+    r = cli('score', tmp_path/'day.csv', tmp_path/'answers.csv', '--log', '--store', store.root)
+    assert r.returncode == 0 and 'scored 3,000 of 3,000 rows' in r.stdout and r.stdout.endswith(f'; 3,000 answers logged in {store.root}\n'), r.stderr
+    s = json.loads(cli('monitor', '--store', store.root, '--json').stdout)
+    assert (s['rows'], s['versions'][0]['version'], s['versions'][0]['labelled']) == (3000, champion, 0)
+    day[['id', 'Class']].iloc[:1500].set_axis(['transaction_id', 'label'], axis=1).to_csv(tmp_path/'labels.csv', index=False)
+    r = cli('labels', 'add', tmp_path/'labels.csv', '--store', store.root)
+    assert r.returncode == 0 and '1,500 match logged predictions, 0 do not (yet)' in r.stdout
+    r = cli('monitor', '--store', store.root, '--fail-on', 'coverage<0.9')
+    assert r.returncode == 3 and r.stderr == f'error: --fail-on held: coverage<0.9 (coverage 0.5, version {champion})\n'
+    ci_df.iloc[3000:].to_csv(tmp_path/'original.csv', index=False)
+    r = cli('export-training-data', tmp_path/'train.csv', '--store', store.root, '--append-to', tmp_path/'original.csv')
+    assert r.returncode == 0, r.stderr
+    exported = load_transactions(tmp_path/'train.csv')
+    pd.testing.assert_frame_equal(exported, pd.concat([ci_df.iloc[3000:], ci_df.iloc[:1500]], ignore_index=True), check_exact=False, rtol=1e-15)
+    r = cli('train', '--data', tmp_path/'train.csv', '--store', store.root, '--output', tmp_path/'t.ipynb', '-p', 'n_estimators', '20',
+            '-p', 'compare_with', '', '-p', 'random_split_report', 'False', '-p', 'n_boot', '100', '-p', 'folds', '2')
+    assert r.returncode == 0 and r.stdout.splitlines()[-1].startswith('candidate '), r.stderr[-3000:]
