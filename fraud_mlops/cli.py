@@ -240,8 +240,8 @@ def _loop(args, store):
     from fraud_mlops import labels
     if args.command == 'labels':
         frame = labels.read_labels(args.file)
-        r = labels.add_labels(store, frame, args.file)
-        print(json.dumps(r, indent=1) if args.json else labels.format_labels(r, frame.attrs['ignored_columns'])); return
+        r, ignored = labels.add_labels(store, frame, args.file), frame.attrs['ignored_columns']
+        print(json.dumps({**r, 'ignored_columns': ignored}, indent=1) if args.json else labels.format_labels(r, ignored)); return
     if args.command == 'export-training-data':
         print(labels.format_export(labels.export_training_data(store, args.out, args.since, args.until, args.append_to))); return
     from fraud_mlops.monitor import check_conditions, format_monitor, monitor, parse_conditions

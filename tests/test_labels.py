@@ -133,15 +133,16 @@ def test_the_latest_label_time_wins_and_the_history_stays(store, tmp_path):
 
 def test_unmatched_ids_are_counted_shown_and_kept(store, labelled, tmp_path, ci_df):
     ids = [f'ci-{i}' for i in range(10)] + [f'unknown-{i}' for i in range(7)]
-    pd.DataFrame({'transaction_id': ids, 'label': [0] * 17}).to_csv(tmp_path/'l.csv', index=False)
+    pd.DataFrame({'transaction_id': ids, 'label': [0] * 17, 'case': 'c-1'}).to_csv(tmp_path/'l.csv', index=False)
     code, out, err = run_cli('labels', 'add', tmp_path/'l.csv', '--store', store.root, '--json')
     r = json.loads(out)
-    assert (code, r['written'], r['matched'], r['unmatched']) == (0, 17, 10, 7)
+    assert (code, r['written'], r['matched'], r['unmatched'], r['ignored_columns']) == (0, 17, 10, 7, ['case'])
     assert r['unmatched_examples'] == [f'unknown-{i}' for i in range(5)] and r['file'] == store.keys('labels')[0]
     assert len(latest_labels(store)) == 17                                           # stored all the same
     code, out, err = run_cli('labels', 'add', tmp_path/'l.csv', '--store', store.root)
     assert out.splitlines() == [f"added 17 label(s) in {store.keys('labels')[1]}: 10 match logged predictions, 7 do not (yet)",
-                                '  ids not in the prediction log, e.g.: unknown-0, unknown-1, unknown-2, unknown-3, unknown-4']
+                                '  ids not in the prediction log, e.g.: unknown-0, unknown-1, unknown-2, unknown-3, unknown-4',
+                                '  ignored column(s): case']
     log_rows(store, ci_df.iloc[300:307], [f'unknown-{i}' for i in range(7)])       # the predictions, flushed after their labels
     r = export_training_data(store, tmp_path/'out.csv')
     assert r['rows'] == 17
