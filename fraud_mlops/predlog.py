@@ -166,7 +166,7 @@ CONVERT_ENTRIES = 2_000  # recorded entries turned into Arrow per step of the wr
 
 # %% ../nbs/05d_prediction_log.ipynb #4d53aa79
 def _kind(e):
-    "What makes error `e` the same error as another: its type and its text without keys, paths and numbers of a file."
+    "What makes error `e` the same error as another: its type and its text without the file's key and quoted paths."
     return type(e).__name__, re.sub(r"'[^']*'|\S*predictions/\S*", '…', str(e))
 
 class PredictionLog:
@@ -279,7 +279,7 @@ class PredictionLog:
 
     def _run(self):
         "The writer thread: flush when due, until `close`."
-        due, tick = time.monotonic() + self.flush_seconds, min(0.05, self.flush_seconds)
+        due, tick = time.monotonic() + self.flush_seconds, min(0.05, max(self.flush_seconds, 0.001))   # never a busy loop
         while not self._stop.wait(tick):
             now = time.monotonic()
             if now < due and (self.pending < self.flush_rows or self._failing()): continue
