@@ -236,22 +236,25 @@ class PredictionLog:
         "Log `message` once per kind of error `e` until writes succeed again."
         if _kind(e) not in self._warned: self._warned.add(_kind(e)); log.warning('prediction log: %s', message)
 
+    def _put(self, key, data):
+        "Store `data` at new `key`: True once it is there (now, or by an earlier try whose answer was lost), False if other bytes hold the name."
+        try: self.store.put_new(key, data); return True
+        except ConflictError: return self.store.get(key) == data   # S3 clients retry a PUT themselves: a 412 may answer our own
+
     def _store_held(self):
         "Store the files waiting, in order, up to the first failure; the rows written."
         written = 0
         while self._held:
             item = self._held[0]
             key, data, rows, tries = item
-            try: self.store.put_new(key, data)
-            except ConflictError:
-                if not tries:   # a name already taken (never expected: the writer is unique): take the next number
-                    item[0] = re.sub(r'-\d{6}\.parquet$', f'-{self._named:06d}.parquet', key); self._named += 1; continue
-                # else an earlier try stored it, and only its answer was lost
+            try: stored = self._put(key, data)
             except Exception as e:
                 item[3] += 1; self.failed_writes += 1
                 self.last_error = str(e) if isinstance(e, StoreError) else f'{type(e).__name__}: {e}'
                 self._warn(e, f'cannot write to {self.store.uri} ({self.pending} rows kept, retried later): {self.last_error}')
                 return written
+            if not stored:      # another object holds the name (never expected: the writer is unique): take the next number
+                item[0] = re.sub(r'-\d{6}\.parquet$', f'-{self._named:06d}.parquet', key); self._named += 1; continue
             self._held.popleft()
             self.written += rows; self.taken += rows; self.files += 1; written += rows
         if self._warned and written:
