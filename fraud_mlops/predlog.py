@@ -69,7 +69,7 @@ def _table(t, request_id, ids, version, source, p, fraud, X):
     if X.shape != (n, len(FEATURES)) or {len(fraud), len(t), len(request_id), len(ids), len(version), len(source)} != {n}:
         raise ValueError(f'{n} probabilities, {len(fraud)} verdicts, {len(ids)} ids and features of shape {X.shape}')
     return pa.Table.from_arrays([t, request_id, ids, version, source, pa.array(p), pa.array(fraud),
-                                 *[pa.array(X[:, j]) for j in range(X.shape[1])]], schema=LOG_SCHEMA)
+                                 *map(pa.array, np.ascontiguousarray(X.T))], schema=LOG_SCHEMA)
 
 def _features(rows):
     "Float64 (n, 30) of `rows` ((30,) or (n, 30))."
@@ -320,7 +320,7 @@ def utc_time(value, what='time'):
     if isinstance(value, datetime): t = value
     elif isinstance(value, date): t = datetime(value.year, value.month, value.day)
     else:
-        try: t = datetime.fromisoformat(str(value).strip())
+        try: t = datetime.fromisoformat(re.sub(r'[Zz]$', '+00:00', str(value).strip()))  # Python 3.10 reads no Z
         except ValueError: raise DataError(f"{what} {value!r} is not an ISO date or time (like 2026-12-02 or 2026-12-02T10:00:00Z)") from None
     return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
 
