@@ -11,7 +11,7 @@ import pytest
 from fraud_mlops.data import FEATURES
 from fraud_mlops.predlog import LOG_SCHEMA, PREFIX, PredictionLog, log_files, read_log
 from fraud_mlops.registry import new_version_id
-from fraud_mlops.store import LocalStore, S3Store, StoreError, open_store, s3_client
+from fraud_mlops.store import LocalStore, S3Store, open_store, s3_client
 
 T0 = datetime(2026, 12, 2, 12, tzinfo=timezone.utc).timestamp()
 
