@@ -257,8 +257,11 @@ def openapi(app):
     "`app`'s OpenAPI schema, with the body models (`Transaction`, `Batch`, `Labels`) that the routes reading their own bodies document."
     if app.openapi_schema is None:
         spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        spec.setdefault('components', {}).setdefault('schemas', {}).update(
-            {m.__name__: m.model_json_schema(ref_template='#/components/schemas/{model}') for m in (Transaction, Batch, Labels)})
+        schemas = spec.setdefault('components', {}).setdefault('schemas', {})
+        for m in (Transaction, Batch, Labels):
+            schema = m.model_json_schema(ref_template='#/components/schemas/{model}')
+            schemas.update(schema.pop('$defs', {}))  # nested models (a `Labels`' `Label`) where their references point
+            schemas[m.__name__] = schema
         app.openapi_schema = spec
     return app.openapi_schema
 

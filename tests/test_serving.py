@@ -143,6 +143,10 @@ def test_openapi_has_the_example():
     spec = app.openapi()
     assert spec['components']['schemas']['Transaction']['examples'] == [{'features': EXAMPLE_FEATURES, 'transaction_id': 'tx-000001'}]
     assert json.loads((ROOT / 'data' / 'example_request.json').read_text()) == {'features': EXAMPLE_FEATURES}  # what README's curl sends
+    refs = set(re.findall(r'"#/components/schemas/(\w+)"', json.dumps(spec)))
+    assert refs and refs <= set(spec['components']['schemas']), refs - set(spec['components']['schemas'])  # /docs resolves every model
+    example = json.loads((ROOT / 'data' / 'example_batch.json').read_text())
+    assert len(example['ids']) == len(example['instances']) == 3  # what README's second curl sends
 
 
 # ---------------------------------------------------------------- bad input
