@@ -269,8 +269,9 @@ async def reload(w: Annotated[Worker, Depends(worker)]):
 # %% ../nbs/06d_serving.ipynb #f9e9d755
 async def post_labels(request: Request, w: Annotated[Worker, Depends(worker)]):
     "Append the body's labels to the store's `labels/`: 422 saying what is wrong (nothing written), 503 if the store fails."
-    try: body = await read_body(request.scope, request.receive, w.cfg.max_body_bytes)
+    try: body = await read_body(request.scope, request.receive, w.cfg.max_body_bytes, w.guard)  # the same time limit and slots
     except BadRequest as e: raise HTTPException(e.status, e.detail, e.headers) from None
+    release(w.guard, len(body))
     try: sent = Labels.model_validate_json(body or b'null').labels
     except ValidationError as e: raise HTTPException(422, explain_errors([{**x, 'loc': ('body', *x['loc'])} for x in e.errors()])) from None
     records = [{'transaction_id': x.transaction_id, 'label': x.label, **({'label_time': x.label_time.isoformat()} if x.label_time else {})} for x in sent]
