@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from .cluster import is_s3
 from .data import COLUMNS, FEATURES, TARGET, DataError, check_output, load_transactions, replace_file, resolve_path, temp_file
 from .predlog import read_log, utc_time, writer_name
-from .store import Missing, S3Store, parse_s3_uri
+from .store import Missing, s3_object
 
 log = logging.getLogger('fraud_mlops.labels')
 
@@ -35,9 +35,9 @@ LABEL_SCHEMA = pa.schema([('transaction_id', pa.string()), ('label', pa.int8()),
 def label_source(path):
     "A local `Path` of label file `path`, or a file object of the bytes of an `s3://` object; `DataError` if there is none."
     if is_s3(path):
-        bucket, key = parse_s3_uri(path)
+        store, key = s3_object(path)
         if not key: raise DataError(f"{path}: name an object (s3://bucket/key), not a bucket")
-        try: return io.BytesIO(S3Store(f's3://{bucket}').get(key))
+        try: return io.BytesIO(store.get(key))
         except Missing: raise DataError(f"{path}: no such object") from None
     p = Path(path)
     if p.is_dir(): raise DataError(f"{path}: is a folder, not a label file")

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['ID_COLUMN', 'OUTPUT_COLUMNS', 'chunk_rows', 'file_format', 'feature_matrix', 'columns_to_read', 'parquet_file',
-           'read_chunks', 'ReadAhead', 's3_object', 'local_input', 'sidecar', 'check_paths', 'output_file',
-           'remove_output', 'AnswerWriter', 'BadRows', 'describe_bad_rows', 'write_bad_rows']
+           'read_chunks', 'ReadAhead', 'local_input', 'sidecar', 'check_paths', 'output_file', 'remove_output',
+           'AnswerWriter', 'BadRows', 'describe_bad_rows', 'write_bad_rows']
 
 # %% ../nbs/06e_scoring_files.ipynb #23600451
 import queue, tempfile, threading
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from .cluster import is_s3, open_parquet
 from .config import count, settings
 from .data import FEATURES, DataError, cannot_write, check_columns, check_output, csv_header, csv_safe, remove_stale, replace_file, temp_file
-from .store import Missing, S3Store, parse_s3_uri
+from .store import Missing, parse_s3_uri, s3_object
 
 # %% ../nbs/06e_scoring_files.ipynb #787ae8cf
 ID_COLUMN = 'id'          # kept in the output when the input has it
@@ -160,11 +160,6 @@ class ReadAhead:
     def __exit__(self, *exc): self.close()
 
 # %% ../nbs/06e_scoring_files.ipynb #7d721d07
-def s3_object(uri):
-    "(`S3Store` of the bucket, key) of object URI `s3://bucket/key`."
-    bucket, key = parse_s3_uri(uri)
-    return S3Store(f's3://{bucket}'), key
-
 @contextmanager
 def local_input(uri):
     "A local path holding `uri`'s bytes: the path itself, or a temporary download of an `s3://` object."

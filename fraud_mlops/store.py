@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['log', 'LEASE_SECONDS', 'StoreError', 'Missing', 'NotModified', 'ConflictError', 'IntegrityError', 'NoChampion',
            'sha256_hex', 'check_key', 'who', 'utcnow', 'stale_lock', 'take_lock', 'LocalStore', 's3_config',
-           's3_endpoint', 's3_client', 'parse_s3_uri', 'S3Store', 'request_log', 'mock_bucket', 'store_uri',
-           'open_store']
+           's3_endpoint', 's3_client', 'parse_s3_uri', 'S3Store', 's3_object', 'request_log', 'mock_bucket',
+           'store_uri', 'open_store']
 
 # %% ../nbs/01b_store.ipynb #cabf06f4
 import contextlib, getpass, hashlib, io, logging, os, re, secrets, socket, time
@@ -334,6 +334,12 @@ class S3Store:
     def delete(self, key):
         "Remove `key` if present."
         self._call('delete_object', key)
+
+# %% ../nbs/01b_store.ipynb #d45c9bb3
+def s3_object(uri):
+    "(`S3Store` of the bucket, key) of object URI `s3://bucket/key`."
+    bucket, key = parse_s3_uri(uri)
+    return S3Store(f's3://{bucket}'), key
 
 # %% ../nbs/01b_store.ipynb #9b32be47
 def request_log(store):
