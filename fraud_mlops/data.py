@@ -8,11 +8,12 @@ __all__ = ['FEATURES', 'TARGET', 'DAY', 'COLUMNS', 'CI_SUBSET', 'FULL_DATA', 'FO
            'check_labels', 'validate_transactions', 'load_transactions', 'csv_header', 'project_root', 'resolve_path',
            'same_file', 'check_output', 'cannot_write', 'remove_stale', 'temp_file', 'replace_file', 'csv_safe',
            'file_sha256', 'extract_member', 'fetch_dataset', 'make_ci_subset', 'time_split', 'describe_split',
-           'random_split']
+           'random_split', 'utc_time', 'time_window']
 
 # %% ../nbs/01_data.ipynb #8c7c991e
 import fcntl, glob, hashlib, os, re, secrets, subprocess, sys, tempfile, zipfile
 from contextlib import contextmanager
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -271,3 +272,23 @@ def random_split(df, valid=0.2, test=0.2, seed=42):
     rest, te = train_test_split(df, test_size=test, stratify=df[TARGET], random_state=seed)
     tr, va = train_test_split(rest, test_size=valid / (1 - test), stratify=rest[TARGET], random_state=seed)
     return tuple(p.sort_values('Time', kind='stable').reset_index(drop=True) for p in (tr, va, te))
+
+# %% ../nbs/01_data.ipynb #f081085b
+def utc_time(value, what='time'):
+    "Aware UTC datetime of `value`: a datetime or date (naive means UTC) or ISO text; None (or '') stays None; bad text is `DataError`."
+    if value is None or value == '': return None
+    if isinstance(value, datetime): t = value
+    elif isinstance(value, date): t = datetime(value.year, value.month, value.day)
+    else:
+        try: t = datetime.fromisoformat(re.sub(r'[Zz]$', '+00:00', str(value).strip()))  # Python 3.10 reads no Z
+        except ValueError: raise DataError(f"{what} {value!r} is not an ISO date or time (like 2026-12-02 or 2026-12-02T10:00:00Z)") from None
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+
+# %% ../nbs/01_data.ipynb #67c6e05d
+def time_window(since, until):
+    "(since, until) as UTC datetimes (None: open); `DataError` if the window holds no time."
+    since, until = utc_time(since, 'since'), utc_time(until, 'until')
+    if since is not None and until is not None and since >= until:
+        raise DataError(f"since {since.isoformat()} is not before until {until.isoformat()}: the window holds no time")
+    return since, until
+

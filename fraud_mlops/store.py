@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['log', 'LEASE_SECONDS', 'StoreError', 'Missing', 'NotModified', 'ConflictError', 'IntegrityError', 'NoChampion',
-           'sha256_hex', 'check_key', 'who', 'utcnow', 'stale_lock', 'take_lock', 'LocalStore', 's3_config',
-           's3_endpoint', 's3_client', 'parse_s3_uri', 'S3Store', 's3_object', 'request_log', 'mock_bucket',
-           'store_uri', 'open_store']
+           'sha256_hex', 'check_key', 'who', 'utcnow', 'writer_name', 'stale_lock', 'take_lock', 'LocalStore',
+           's3_config', 's3_endpoint', 's3_client', 'parse_s3_uri', 'S3Store', 's3_object', 'request_log',
+           'mock_bucket', 'store_uri', 'open_store']
 
 # %% ../nbs/01b_store.ipynb #cabf06f4
 import contextlib, getpass, hashlib, io, logging, os, re, secrets, socket, time
@@ -57,6 +57,12 @@ def who():
 def utcnow():
     "Now, UTC, ISO 8601 with seconds."
     return datetime.now(timezone.utc).isoformat(timespec='seconds')
+
+# %% ../nbs/01b_store.ipynb #6d11f71c
+def writer_name():
+    "This process's name in log file names: sanitised host, pid and 4 random hex digits."
+    host = re.sub(r'[^A-Za-z0-9.-]+', '_', socket.gethostname())[:40] or 'host'
+    return f'{host}-{os.getpid()}-{secrets.token_hex(2)}'
 
 # %% ../nbs/01b_store.ipynb #8c9ed481
 LEASE_SECONDS = 60.0  # a lock older than this is stale, whoever holds it: put_if holds it for milliseconds
