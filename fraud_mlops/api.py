@@ -7,7 +7,7 @@ __all__ = ['Number', 'Row', 'ID_MAX', 'TransactionId', 'Verdict', 'ROW_TEXT', 'C
            'Transaction', 'Batch', 'Label', 'Labels', 'Scored', 'Prediction', 'BatchPrediction', 'Status', 'Ready',
            'Reloaded', 'LabelsAdded', 'Error', 'brief', 'explain_error', 'explain_errors', 'BadRequest',
            'too_many_rows', 'too_big', 'RequestGuard', 'header', 'read_body', 'release', 'invalid_request', 'body_doc',
-           'openapi', 'GuardedHTTP']
+           'openapi', 'FastPathError', 'fast_paths', 'json_response', 'answer_directly', 'GuardedHTTP']
 
 # %% ../nbs/06a_api.ipynb #e4fe442f
 import asyncio, json
@@ -15,10 +15,15 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 import orjson
+from fastapi import HTTPException
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .config import settings
@@ -264,6 +269,56 @@ def openapi(app):
             schemas[m.__name__] = schema
         app.openapi_schema = spec
     return app.openapi_schema
+
+# %% ../nbs/06a_api.ipynb #11d0cc66
+class FastPathError(TypeError):
+    "A route answered around FastAPI has something (a dependency, middleware, handler...) that answering it directly would skip."
+
+_OWN_HANDLERS = {StarletteHTTPException: http_exception_handler,  # reproduced by the fast path
+                 RequestValidationError: None, WebSocketRequestValidationError: None}  # never raised without parameters
+
+def _name(x): return str(x) if isinstance(x, int) else getattr(x, '__name__', None) or type(x).__name__  # a status code, class or function
+
+def fast_paths(app):
+    "{path: scorer} of `app`'s POST routes `answered_by` a scorer; `FastPathError` if FastAPI would do more for one than call it."
+    common = [f'middleware {_name(m.cls)}' for m in app.user_middleware]
+    common += [f'exception handler for {_name(k)}' for k, h in app.exception_handlers.items()
+               if k not in _OWN_HANDLERS or _OWN_HANDLERS[k] not in (None, h)]
+    tracing = getattr(app, '_native_telemetry', None)  # FastAPI's OpenTelemetry layer (private, and absent before 0.16x)
+    if tracing is not None and tracing.enabled(): common.append('OpenTelemetry instrumentation')
+    if getattr(app, 'max_body_size', None) is not None: common.append('body size limit')
+    table, earlier = {}, []
+    for r in app.routes:
+        scorer = getattr(getattr(r, 'endpoint', None), 'scorer', None)
+        if scorer is not None:
+            d, probe = r.dependant, {'type': 'http', 'method': 'POST', 'path': r.path, 'root_path': ''}
+            skipped = common + [f'dependency {_name(x.call)}' for x in d.dependencies]
+            skipped += [f'parameter {p.name}' for p in d.path_params + d.query_params + d.header_params + d.cookie_params + d.body_params]
+            skipped += [f'methods {sorted(r.methods)}'] if r.methods != {'POST'} else []
+            skipped += ['body size limit'] if getattr(r, 'max_body_size', None) is not None else []
+            skipped += [f'earlier route {getattr(e, "path", e)}' for e in earlier if e.matches(probe)[0] == Match.FULL]
+            if skipped: raise FastPathError(f"POST {r.path} is answered around FastAPI, which would skip its {', '.join(skipped)}: "
+                                            'do that inside the scorer, or make the route a plain FastAPI endpoint')
+            table[r.path] = scorer
+        earlier.append(r)
+    return table
+
+# %% ../nbs/06a_api.ipynb #bd4b8094
+def json_response(obj, status=200, headers=None):
+    "`obj` as a JSON `Response` written by orjson (what the fast path answers with)."
+    return Response(orjson.dumps(obj), status, headers, media_type='application/json')
+
+# %% ../nbs/06a_api.ipynb #e42bc75e
+def answer_directly(table, asgi, w):
+    "ASGI function: a POST to a path of `table` ({path: scorer}) answered by its scorer for worker `w`, anything else by `asgi`."
+    async def front(scope, receive, send):
+        score = table.get(scope['path']) if scope['method'] == 'POST' else None
+        if score is None: return await asgi(scope, receive, send)
+        try: response = await score(scope, receive, w)
+        except HTTPException as e: response = json_response({'detail': e.detail}, e.status_code, e.headers)  # what FastAPI's handler sends
+        except ClientDisconnect: return  # the client left: nothing to answer
+        await response(scope, receive, send)
+    return front
 
 # %% ../nbs/06a_api.ipynb #56141773
 MAX_HEADER_BYTES = 16 << 10  # request line and headers of one request, as h11's default and nginx's large_client_header_buffers

@@ -6,8 +6,8 @@
 __all__ = ['log', 'LOAD_ERRORS', 'PERMANENT', 'THREAD_VARS', 'SINGLE_MAX_BODY', 'INLINE_ROWS', 'SWITCH_SECONDS',
            'LOG_CLOSE_SECONDS', 'app', 'KEEP_ALIVE', 'next_model', 'Worker', 'check_champion', 'refresh',
            'poll_champion', 'pin_threads', 'worker', 'not_ready', 'served', 'status', 'live', 'ready', 'model_manifest',
-           'metrics', 'score_one', 'score_batch', 'answered_by', 'require_admin', 'reload', 'post_labels',
-           'FastPathError', 'fast_paths', 'answer_directly', 'lifespan', 'ServingAPI', 'create_app', 'serve']
+           'metrics', 'score_one', 'score_batch', 'answered_by', 'require_admin', 'reload', 'post_labels', 'lifespan',
+           'ServingAPI', 'create_app', 'serve']
 
 # %% ../nbs/06d_serving.ipynb #48a1d302
 import asyncio, gc, hmac, logging, os, sys, time
@@ -16,17 +16,12 @@ from dataclasses import replace
 from functools import partial
 from typing import Annotated
 
-import orjson
 import simdjson
 from pydantic import ValidationError
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.exception_handlers import http_exception_handler
-from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
-from starlette.routing import Match
 
 from . import __version__
 from .config import settings
@@ -38,7 +33,8 @@ from .signing import trusted_keys
 from .store import IntegrityError, NoChampion, StoreError, open_store, utcnow
 from .runtime import ServedModel, ServingError, prepare_model
 from .api import ERRORS, Batch, BatchPrediction, BadRequest, Error, Labels, LabelsAdded, Prediction, Ready, Reloaded, Status, Transaction
-from .api import body_doc, invalid_request, openapi
+from .api import body_doc, invalid_request, openapi, answer_directly, fast_paths, json_response
+from .api import FastPathError  # noqa: F401  (raised by `fast_paths` when a worker starts; importable from here as before)
 from .api import LARGE_BODY, RequestGuard, explain_errors, header, read_body, release
 from .parsing import batch_json, parse_request
 from .observability import CONTENT_TYPE, AccessLog, Telemetry, observe, open_prediction_log
@@ -191,12 +187,10 @@ async def metrics(w: Annotated[Worker, Depends(worker)]):
 SINGLE_MAX_BODY = 64 << 10  # POST /predict never reads more, whatever FRAUD_MLOPS_MAX_BODY_BYTES allows a batch
 INLINE_ROWS = 64  # batches up to this size score on the event loop
 
-def _json(obj, status=200, headers=None): return Response(orjson.dumps(obj), status, headers, media_type='application/json')
-
 async def score_one(scope, receive, w):
     "Score one transaction."
     try: rows, tid = parse_request(await read_body(scope, receive, min(w.cfg.max_body_bytes, SINGLE_MAX_BODY), w.guard), header(scope, b'content-type'))
-    except BadRequest as e: return _json({'detail': e.detail}, e.status, e.headers)
+    except BadRequest as e: return json_response({'detail': e.detail}, e.status, e.headers)
     s = w.served
     if s is None: raise not_ready(w)
     p = float(s.predict(rows)[0])
@@ -206,14 +200,14 @@ async def score_one(scope, receive, w):
     scope['model_version'] = s.version
     if tel.log_features: scope['features'] = rows[0].tolist()
     if w.log is not None: w.log.record_one(time.time(), scope.get('request_id'), tid, s.version, p, fraud, rows)  # a deque append
-    return _json({'prediction': VERDICTS[fraud], 'fraud_probability': p, 'model_version': s.version})
+    return json_response({'prediction': VERDICTS[fraud], 'fraud_probability': p, 'model_version': s.version})
 
 # %% ../nbs/06d_serving.ipynb #9094f209
 async def score_batch(scope, receive, w):
     "Score many transactions with one model version."
     cfg, guard, kind = w.cfg, w.guard, header(scope, b'content-type')
     try: body = await read_body(scope, receive, cfg.max_body_bytes, guard)
-    except BadRequest as e: return _json({'detail': e.detail}, e.status, e.headers)
+    except BadRequest as e: return json_response({'detail': e.detail}, e.status, e.headers)
     size = len(body)
     try:  # a large body holds one of the guard's slots until it is scored
         if size <= LARGE_BODY: rows, ids = parse_request(body, kind, False, cfg.max_batch, w.parser)
@@ -225,7 +219,7 @@ async def score_batch(scope, receive, w):
         s = w.served
         if s is None: raise not_ready(w)
         p = s.predict(rows) if len(rows) <= INLINE_ROWS else await asyncio.to_thread(s.predict, rows)
-    except BadRequest as e: return _json({'detail': e.detail}, e.status, e.headers)
+    except BadRequest as e: return json_response({'detail': e.detail}, e.status, e.headers)
     finally: release(guard, size)
     flags = is_fraud(p, s.threshold)
     w.telemetry.metrics.scored(p, int(flags.sum()))
@@ -272,57 +266,12 @@ async def post_labels(request: Request, w: Annotated[Worker, Depends(worker)]):
     try: body = await read_body(request.scope, request.receive, w.cfg.max_body_bytes, w.guard)  # the same time limit and slots
     except BadRequest as e: raise HTTPException(e.status, e.detail, e.headers) from None
     release(w.guard, len(body))
-    try: sent = Labels.model_validate_json(body or b'null').labels
+    try: sent = Labels.model_validatejson_response(body or b'null').labels
     except ValidationError as e: raise HTTPException(422, explain_errors([{**x, 'loc': ('body', *x['loc'])} for x in e.errors()])) from None
     records = [{'transaction_id': x.transaction_id, 'label': x.label, **({'label_time': x.label_time.isoformat()} if x.label_time else {})} for x in sent]
     try: return await asyncio.to_thread(lambda: add_labels(open_store(w.store, create=True), labels_from_records(records), 'api'))
     except DataError as e: raise HTTPException(422, str(e)) from None
     except (StoreError, OSError) as e: raise HTTPException(503, f'labels not written: {e}') from None
-
-# %% ../nbs/06d_serving.ipynb #11d0cc66
-class FastPathError(TypeError):
-    "A route answered around FastAPI has something (a dependency, middleware, handler...) that answering it directly would skip."
-
-_OWN_HANDLERS = {StarletteHTTPException: http_exception_handler,  # reproduced by the fast path
-                 RequestValidationError: None, WebSocketRequestValidationError: None}  # never raised without parameters
-
-def _name(x): return str(x) if isinstance(x, int) else getattr(x, '__name__', None) or type(x).__name__  # a status code, class or function
-
-def fast_paths(app):
-    "{path: scorer} of `app`'s POST routes `answered_by` a scorer; `FastPathError` if FastAPI would do more for one than call it."
-    common = [f'middleware {_name(m.cls)}' for m in app.user_middleware]
-    common += [f'exception handler for {_name(k)}' for k, h in app.exception_handlers.items()
-               if k not in _OWN_HANDLERS or _OWN_HANDLERS[k] not in (None, h)]
-    tracing = getattr(app, '_native_telemetry', None)  # FastAPI's OpenTelemetry layer (private, and absent before 0.16x)
-    if tracing is not None and tracing.enabled(): common.append('OpenTelemetry instrumentation')
-    if getattr(app, 'max_body_size', None) is not None: common.append('body size limit')
-    table, earlier = {}, []
-    for r in app.routes:
-        scorer = getattr(getattr(r, 'endpoint', None), 'scorer', None)
-        if scorer is not None:
-            d, probe = r.dependant, {'type': 'http', 'method': 'POST', 'path': r.path, 'root_path': ''}
-            skipped = common + [f'dependency {_name(x.call)}' for x in d.dependencies]
-            skipped += [f'parameter {p.name}' for p in d.path_params + d.query_params + d.header_params + d.cookie_params + d.body_params]
-            skipped += [f'methods {sorted(r.methods)}'] if r.methods != {'POST'} else []
-            skipped += ['body size limit'] if getattr(r, 'max_body_size', None) is not None else []
-            skipped += [f'earlier route {getattr(e, "path", e)}' for e in earlier if e.matches(probe)[0] == Match.FULL]
-            if skipped: raise FastPathError(f"POST {r.path} is answered around FastAPI, which would skip its {', '.join(skipped)}: "
-                                            'do that inside the scorer, or make the route a plain FastAPI endpoint')
-            table[r.path] = scorer
-        earlier.append(r)
-    return table
-
-# %% ../nbs/06d_serving.ipynb #e42bc75e
-def answer_directly(table, asgi, w):
-    "ASGI function: a POST to a path of `table` ({path: scorer}) answered by its scorer for worker `w`, anything else by `asgi`."
-    async def front(scope, receive, send):
-        score = table.get(scope['path']) if scope['method'] == 'POST' else None
-        if score is None: return await asgi(scope, receive, send)
-        try: response = await score(scope, receive, w)
-        except HTTPException as e: response = _json({'detail': e.detail}, e.status_code, e.headers)  # what FastAPI's handler sends
-        except ClientDisconnect: return  # the client left: nothing to answer
-        await response(scope, receive, send)
-    return front
 
 # %% ../nbs/06d_serving.ipynb #119c4f38
 SWITCH_SECONDS = 0.001  # Python's default 0.005 lets a busy background thread keep the event loop waiting up to 5 ms, and more
