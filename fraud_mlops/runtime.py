@@ -322,6 +322,7 @@ class ServedModel:
     loaded_at: str = ''
     pointer: dict | None = field(repr=False, default=None)  # the signed champion pointer it was loaded from, if any
     reference: dict | None = field(repr=False, default=None)  # the training reference of its bundle (`drift`), if it has one
+    explainer: object = field(repr=False, default=None)  # its `reasons.Explainer`, or the exception saying why it has none
 
 # %% ../nbs/05b_runtime.ipynb #673fc1d6
 SMOKE_ROWS = np.array([[0.0] * 30, EXAMPLE_FEATURES, [172_792.0] + [-5.0] * 28 + [25_691.16], [float(DAY)] + [3.0] * 28 + [0.0]])
