@@ -15,7 +15,7 @@ from .config import settings
 from .features import is_fraud
 from .modelling import fraud_probability
 from .registry import (decided_versions, delete_version, list_versions, load_evidence, load_model, read_champion,
-                                  record_decision, set_champion, version_statuses)
+                                  read_shadow, record_decision, set_champion, version_statuses)
 from .store import StoreError
 
 # %% ../nbs/04_promotion.ipynb #6b979122
@@ -74,10 +74,10 @@ def notify_api(url=None, token=None, timeout=5.0):
 
 # %% ../nbs/04_promotion.ipynb #49cd196b
 def prune_rejected(store):
-    "Delete the files of every rejected version except the champion and its predecessor; return their ids."
+    "Delete the files of every rejected version except the champion, its predecessor and the running shadow; return their ids."
     pointer, _ = read_champion(store)
     keep = {pointer['version'], pointer.get('previous')} if pointer else set()
-    gone = [v for v, status in version_statuses(store, pointer).items() if status == 'rejected' and v not in keep]
+    gone = [v for v, status in version_statuses(store, pointer, read_shadow(store)[0]).items() if status == 'rejected' and v not in keep]
     for v in gone: delete_version(store, v)
     return gone
 
@@ -114,6 +114,8 @@ def promote(store, version=None, min_gain=0.0, dry_run=False, notify=True, min_f
         decision['champion_metrics'] = classification_metrics(y, p_champ, t_champ)
         decision['bootstrap'] = paired_bootstrap(y, is_fraud(p_cand, t_cand), is_fraud(p_champ, t_champ), resamples, seed)
         champion_f1 = decision['champion_metrics']['f1']
+    decision['evidence'] = {'kind': 'offline', 'rows': int(len(y)), 'frauds': int(y.sum()),
+                            'f1_difference_ci95': decision['bootstrap']['f1_difference_ci95'] if pointer else None}
     ok, reason = gate(decision['candidate_metrics']['f1'], champion_f1, min_gain, min_f1)
     if y.sum() < min_frauds:
         thin = f"evidence too thin: {int(y.sum())} frauds in the candidate's evaluation rows, at least {min_frauds} are needed to rank two models"
