@@ -6,8 +6,8 @@
 __all__ = ['SCORE_CELLS', 'DELAY_EDGES', 'QUALITY', 'DAY_US', 'LOG_COLUMNS', 'CONDITION_METRICS', 'OPERATORS', 'QUALITY_COLUMNS',
            'score_cells', 'delay_cells', 'Tally', 'cell_quality', 'cell_intervals', 'median_delay_hours',
            'label_lookup', 'tally_table', 'version_references', 'merge_tallies', 'OneLogFile', 'tally_log',
-           'quality_summary', 'drift_summary', 'worst_features', 'monitor', 'parse_conditions', 'check_conditions',
-           'text_table', 'format_monitor']
+           'quality_summary', 'drift_summary', 'worst_features', 'shadow_days', 'monitor', 'parse_conditions',
+           'check_conditions', 'text_table', 'format_monitor']
 
 # %% ../nbs/07a_monitor.ipynb #0512f8b3
 import itertools, math, operator, re
@@ -21,7 +21,9 @@ from .cluster import close_dask, dask_client
 from .data import FEATURES, DataError
 from .drift import MIN_DRIFT_ROWS, PSI_ALERT, bin_counts, drift_rows, psi, score_bin_counts
 from .labels import latest_labels
-from .predlog import log_files, read_log, utc_time
+from .live_evidence import ALERT_REASONS, LatestShadowed, ReasonCounts, alert_reasons, shadowed_rows
+from .predlog import LATER, log_files, read_log, utc_time
+from .promotion import paired_bootstrap
 from .registry import load_manifest, load_reference
 from .store import IntegrityError, Missing, open_store
 
@@ -170,43 +172,53 @@ class OneLogFile:
     @property
     def uri(self): return self.store.uri
 
+# %% ../nbs/07a_monitor.ipynb #49b0c836
+def _gather(table, ids, live, reasons):
+    "Add the shadow-scored rows of log `table` (labelled: in `ids`) to `live`, and the reasons behind its alerts to `reasons`, each unless None."
+    if live is not None: live.add(shadowed_rows(table, ids))
+    if reasons is not None: reasons.add(alert_reasons(table))
+
 # %% ../nbs/07a_monitor.ipynb #2304ce8b
-def _tally_file(uri, key, since, until, lookup, references):
-    "(tallies, matched label positions, skipped) of log file `key` in store `uri`: one Dask task."
+def _tally_file(uri, key, since, until, lookup, references, live=False, reasons=False):
+    "(tallies, matched label positions, skipped, shadow-scored rows or None, reasons behind alerts or None) of log file `key` in store `uri`: one Dask task."
     skipped, tallies, matched = [], {}, [np.zeros(0, 'int64')]
+    live, reasons = LatestShadowed() if live else None, ReasonCounts() if reasons else None
     for table in read_log(OneLogFile(open_store(uri), key), since, until, LOG_COLUMNS, skipped):
         found, at = tally_table(table, lookup, references)
-        merge_tallies(tallies, found); matched.append(at)
-    return tallies, np.unique(np.concatenate(matched)), skipped
+        merge_tallies(tallies, found); matched.append(at); _gather(table, lookup.ids, live, reasons)
+    return tallies, np.unique(np.concatenate(matched)), skipped, live, reasons
 
-def _on_dask(client, store, files, since, until, lookup, references):
+def _on_dask(client, store, files, since, until, lookup, references, live, reasons):
     "Yield `_tally_file` of each of `files` computed on Dask `client`: labels and references shipped once, two files a worker at a time."
     from distributed import as_completed
     shared, todo, running = client.scatter([lookup, references], broadcast=True), iter(files), as_completed()
     def submit(n):
         for _, _, key in itertools.islice(todo, n):
-            running.add(client.submit(_tally_file, store.uri, key, since, until, *shared, pure=False))
+            running.add(client.submit(_tally_file, store.uri, key, since, until, *shared, live, reasons, pure=False))
     submit(2 * max(1, len(client.nthreads())))
     for future in running:
         yield future.result()
         future.release(); submit(1)
 
 # %% ../nbs/07a_monitor.ipynb #9869e7a9
-LOG_COLUMNS = ['time', 'transaction_id', 'model_version', 'fraud_probability', 'fraud', *FEATURES]   # what the monitor reads
+LOG_COLUMNS = ['time', 'transaction_id', 'model_version', 'fraud_probability', 'fraud', *FEATURES, *LATER]   # what the monitor reads
 
-def tally_log(store, lookup, references, since=None, until=None, scheduler=None):
-    "({(date, version): Tally}, labels matched, notes) of the log in [since, until) joined with `lookup`, file by file, here or on Dask."
+def tally_log(store, lookup, references, since=None, until=None, scheduler=None, live=None, reasons=None):
+    "({(date, version): Tally}, labels matched, notes) of the log in [since, until) joined with `lookup`, file by file, here or on Dask; `live`, `reasons`: see `_gather`."
     tallies, matched, skipped = {}, np.zeros(len(lookup.ids), bool), []
     if scheduler is None:
         for table in read_log(store, since, until, LOG_COLUMNS, skipped):
             found, at = tally_table(table, lookup, references)
-            merge_tallies(tallies, found); matched[at] = True
+            merge_tallies(tallies, found); matched[at] = True; _gather(table, lookup.ids, live, reasons)
     else:
         from distributed import Client
         client = scheduler if isinstance(scheduler, Client) else dask_client(None if scheduler == 'local' else scheduler)
         try:
-            for found, at, bad in _on_dask(client, store, log_files(store, since, until), since, until, lookup, references):
+            for found, at, bad, file_live, file_reasons in _on_dask(client, store, log_files(store, since, until), since, until, lookup, references,
+                                                                    live is not None, reasons is not None):
                 merge_tallies(tallies, found); matched[at] = True; skipped += bad
+                if live is not None: live.add(file_live)
+                if reasons is not None: reasons.add(file_reasons)
         finally:
             if client is not scheduler: close_dask(client)
     return tallies, int(matched.sum()), [f"{key}: skipped ({why})" for key, why in skipped]
@@ -239,6 +251,20 @@ def worst_features(versions):
                 worst[r['feature']] = {k: r[k] for k in ('feature', 'psi', 'ks', 'ks_pvalue')} | {'version': v['version']}
     return sorted(worst.values(), key=lambda r: -r['psi'])
 
+# %% ../nbs/07a_monitor.ipynb #5acd355a
+def shadow_days(live, n_boot=200, seed=0):
+    "Per (date, champion, shadow) of shadow-scored labelled rows `live`: both versions' quality on the same rows, with intervals, and the paired F1 difference."
+    out = []
+    for (date, champion, shadow), g in live.groupby(['date', 'champion', 'shadow'], sort=True):
+        y = g['label'].to_numpy()
+        champ, shad = ({k: q[k] for k in ('alerts', *QUALITY, 'intervals')} for q in
+                       (quality_summary(Tally().add(g[p], g[f], y, []), n_boot, seed) for p, f in (('p', 'fraud'), ('shadow_p', 'shadow_fraud'))))
+        paired = paired_bootstrap(y, g['shadow_fraud'], g['fraud'], n_boot, seed) if n_boot else {'f1_difference_ci95': None, 'p_candidate_better': None}
+        out.append({'date': date, 'champion': champion, 'shadow': shadow, 'rows': len(g), 'frauds': int(y.sum()), 'champion_metrics': champ,
+                    'shadow_metrics': shad, 'f1_difference': None if None in (champ['f1'], shad['f1']) else shad['f1'] - champ['f1'],
+                    'f1_difference_ci95': paired['f1_difference_ci95'], 'p_shadow_better': paired['p_candidate_better']})
+    return out
+
 # %% ../nbs/07a_monitor.ipynb #0f9dc869
 def monitor(store, since=None, until=None, scheduler=None, n_boot=200):
     "Realised quality and drift of the predictions logged in [since, until), per (date, version) and per version: a dict of numbers."
@@ -246,8 +272,9 @@ def monitor(store, since=None, until=None, scheduler=None, n_boot=200):
     since, until, unread = utc_time(since, 'since'), utc_time(until, 'until'), []
     lookup = label_lookup(latest_labels(store, skipped=unread))
     references, notes = version_references(store, sorted({v for _, v, _ in log_files(store, since, until)}))
-    tallies, matched, skipped = tally_log(store, lookup, references, since, until, scheduler)
-    per_version, days = {}, []
+    live, reasons = LatestShadowed(), ReasonCounts(store)
+    tallies, matched, skipped = tally_log(store, lookup, references, since, until, scheduler, live, reasons)
+    (why, why_notes), per_version, days = reasons.summary(), {}, []
     for (date, version), t in sorted(tallies.items()):
         ref = references.get(version)
         days.append({'date': date, 'version': version, **quality_summary(t, n_boot), 'median_label_delay_hours': median_delay_hours(t.delays),
@@ -260,9 +287,9 @@ def monitor(store, since=None, until=None, scheduler=None, n_boot=200):
               if v['rows'] < MIN_DRIFT_ROWS and references.get(v['version']) is not None]
     return {'store': store.uri, 'since': since and since.isoformat(), 'until': until and until.isoformat(),
             'rows': sum(v['rows'] for v in versions), 'labels': {'total': len(lookup.ids), 'matched': matched, 'unmatched': len(lookup.ids) - matched},
-            'versions': versions, 'days': days, 'features': features,
-            'top_drifting': [r['feature'] for r in features if r['psi'] > PSI_ALERT],
-            'notes': notes + skipped + [f'{key}: skipped ({why})' for key, why in unread]}
+            'versions': versions, 'days': days, 'features': features, 'top_drifting': [r['feature'] for r in features if r['psi'] > PSI_ALERT],
+            'shadow': shadow_days(live.frame(lookup.ids, lookup.label), n_boot), 'reasons': why,
+            'notes': notes + why_notes + skipped + [f'{key}: skipped ({why})' for key, why in unread]}
 
 # %% ../nbs/07a_monitor.ipynb #7efb952c
 CONDITION_METRICS = ('psi', 'ks', 'score_psi', 'alert_rate', 'coverage', 'precision', 'recall', 'f1', 'auprc')
@@ -318,8 +345,15 @@ QUALITY_COLUMNS = ['rows', 'alerts', 'alert_rate', 'labelled', 'coverage', *QUAL
 def _quality_cells(row):
     return [_cell(row[k]) for k in QUALITY_COLUMNS[:5]] + [_with_interval(row, k) for k in QUALITY]
 
+def _shadow_cells(d):
+    return [d['date'], d['champion'], d['shadow'], _cell(d['rows']), _cell(d['frauds']), _with_interval(d['champion_metrics'], 'f1'),
+            _with_interval(d['shadow_metrics'], 'f1'), _with_interval({**d, 'intervals': {'f1_difference': d['f1_difference_ci95']}}, 'f1_difference')]
+
+def _reasons_cells(r):
+    return [r['date'], r['version'], _cell(r['alerts']), _cell(r['logged'] + r['computed']), ', '.join(f"{f['feature']} {f['share']:.0%}" for f in r['features'][:5]) or '-']
+
 def format_monitor(summary):
-    "Text tables of a `monitor` summary for the terminal: per version, per day, the drifting features, the notes."
+    "Text tables of a `monitor` summary for the terminal: per version, per day, champion against shadow, reasons behind alerts, drifting features, notes."
     window = ' '.join(f'{k} {summary[k]}' for k in ('since', 'until') if summary[k])
     if not summary['rows']: return f"no predictions logged in {summary['store']} yet" + (f' ({window})' if window else '')
     labels = summary['labels']
@@ -329,6 +363,12 @@ def format_monitor(summary):
                       ['version', *QUALITY_COLUMNS, 'delay_h', 'score_psi']), '',
            text_table([[d['date'], d['version'], *_quality_cells(d), _cell(d['median_label_delay_hours'], 1), _cell(d['score_psi'])]
                        for d in summary['days']], ['date', 'version', *QUALITY_COLUMNS, 'delay_h', 'score_psi'])]
+    if summary['shadow']:
+        out += ['', 'champion against shadow on the same labelled transactions (F1, 95% intervals; the difference is paired):',
+                text_table(list(map(_shadow_cells, summary['shadow'])), ['date', 'champion', 'shadow', 'labelled', 'frauds', 'champion_f1', 'shadow_f1', 'f1_difference'])]
+    if summary['reasons']:
+        out += ['', f'reasons behind alerts (share of the explained alerts with the feature among their top {ALERT_REASONS}):',
+                text_table(list(map(_reasons_cells, summary['reasons'])), ['date', 'version', 'alerts', 'explained', 'top reasons'])]
     if summary['features']:
         out += ['', text_table([[r['feature'], _cell(r['psi']), _cell(r['ks']), _cell(r['ks_pvalue']), r['version']] for r in summary['features'][:10]],
                                ['feature', 'psi', 'ks', 'ks_pvalue', 'version']),
