@@ -22,6 +22,7 @@ from .scoring_files import (ID_COLUMN, AnswerWriter, BadRows, ReadAhead, check_p
                                        describe_bad_rows, feature_matrix, file_format, local_input, output_file, parquet_file, read_chunks,
                                        remove_output, sidecar, write_bad_rows)
 from .predlog import PredictionLog
+from .reasons import check_explain, explainer, reason_columns
 from .store import open_store
 
 # %% ../nbs/07_scoring.ipynb #14ea4462
@@ -47,22 +48,29 @@ def score_good_rows(served, X, bad):
     return p, is_fraud(p, served.threshold)
 
 # %% ../nbs/07_scoring.ipynb #f3bba3e4
-def answer_table(p, fraud, version, ids=None, id_column=ID_COLUMN):
-    "The output columns for probabilities `p` and verdicts `fraud` (the id column first when `ids` is given)."
+def answer_table(p, fraud, version, ids=None, id_column=ID_COLUMN, top=None):
+    "The output columns for probabilities `p` and verdicts `fraud` (the id column first when `ids` is given; the reasons of `top` last)."
     from fraud_mlops.features import VERDICTS
     cols = {} if ids is None else {id_column: ids}
     cols['fraud_probability'] = pa.array(p, pa.float64())
     cols['prediction'] = pa.DictionaryArray.from_arrays(pa.array(np.asarray(fraud, 'int8')), pa.array(list(VERDICTS)))
     cols['model_version'] = pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(p), 'int8')), pa.array([version]))
+    if top is not None:                        # `Explainer.top`: raw input index, raw value, contribution, each (n, K)
+        names, k = iter(reason_columns(top[0].shape[1])), top[0].shape[1]
+        for i in range(k):
+            cols[next(names)] = pa.DictionaryArray.from_arrays(pa.array(top[0][:, i].astype('int8')), pa.array(FEATURES))
+            cols[next(names)] = pa.array(top[1][:, i], pa.float64())
+            cols[next(names)] = pa.array(top[2][:, i], pa.float64())
     return pa.table(cols)
 
 # %% ../nbs/07_scoring.ipynb #ba983af5
-def local_engine(chunks, served, id_column=ID_COLUMN, features=False):
-    "(answers, {row index in chunk: reason}, rows in chunk, (X, P(fraud), verdicts, ids) of the good rows if `features`) of each of `chunks`, scored here."
+def local_engine(chunks, served, id_column=ID_COLUMN, features=False, explain=None):
+    "(answers, {row index in chunk: reason}, rows in chunk, (X, P(fraud), verdicts, ids) of the good rows if `features`) of each of `chunks`, scored here (and explained: `explain` = (Explainer, K))."
     for X, bad, reasons, ids, n in chunks:
         p, fraud = score_good_rows(served, X, bad)
-        yield (answer_table(p, fraud, served.version, ids, id_column), reasons, n,
-               ((X[~bad] if reasons else X), p, fraud, ids) if features else None)
+        good = X[~bad] if reasons else X
+        top = explain[0].top(good, explain[1]) if explain else None
+        yield (answer_table(p, fraud, served.version, ids, id_column, top), reasons, n, (good, p, fraud, ids) if features else None)
 
 # %% ../nbs/07_scoring.ipynb #fa036efc
 LOG_CLOSE_SECONDS = 30.0   # how long the end of a job waits for the store to take its last log rows
@@ -95,8 +103,9 @@ def _progress(on, total, where):
     return tqdm(total=total, unit='rows', unit_scale=True, desc=f'score {Path(where).name}', file=sys.stderr)
 
 def score_file(input, output, store=None, version=None, on_error='skip', rows=None, id_column=ID_COLUMN,
-               engine='local', scheduler=None, progress=True, quiet=False, log=False):
-    "Score CSV/Parquet `input` (local or s3://) into `output` with the champion (or `version`), `log`ging every answer; return a summary."
+               engine='local', scheduler=None, progress=True, quiet=False, log=False, explain=None):
+    "Score CSV/Parquet `input` (local or s3://) into `output` with the champion (or `version`), `log`ging every answer, with `explain` reasons each; return a summary."
+    n_reasons = None if explain is None else check_explain(explain)   # first: a bad K is refused before anything is read
     if on_error not in ('skip', 'fail'): raise DataError(f"on_error must be 'skip' or 'fail', not {on_error!r}")
     if engine not in ('local', 'dask'): raise DataError(f"engine must be 'local' or 'dask', not {engine!r}")
     fmt, rows, start, where = file_format(output), chunk_rows(rows), time.perf_counter(), str(input)
@@ -111,12 +120,14 @@ def score_file(input, output, store=None, version=None, on_error='skip', rows=No
                 if engine == 'local':
                     path = job.enter_context(local_input(input))
                     read = job.enter_context(ReadAhead(chunk_features(t, id_column) for t in read_chunks(path, rows, id_column, where)))
-                    served = scoring_model(store, version)          # while the first chunk is read
-                    chunks = local_engine(read, served, id_column, features=log)
+                    served = scoring_model(store, version, cache=n_reasons is None)   # while the first chunk is read; reasons need the fitted model
+                    explaining = n_reasons and (explainer(served.model, served.manifest), n_reasons)  # NoExplanation before anything is written
+                    chunks = local_engine(read, served, id_column, features=log, explain=explaining)
                     total = progress and parquet_input and parquet_file(path, where).metadata.num_rows
                 else:
                     served = scoring_model(store, version, cache=False)   # the workers get the fitted model
-                    chunks, total = dask_engine(input, served, rows, id_column, where, scheduler, features=log), None
+                    explaining = n_reasons and (explainer(served.model, served.manifest), n_reasons)  # refused here, before any partition is read
+                    chunks, total = dask_engine(input, served, rows, id_column, where, scheduler, features=log, explain=n_reasons), None
                 bar = job.enter_context(_progress(progress, total or None, where))
                 for k, (out, reasons, n, scored) in enumerate(chunks):
                     if reasons:
@@ -135,10 +146,11 @@ def score_file(input, output, store=None, version=None, on_error='skip', rows=No
     return {'input': where, 'output': str(output), 'rows': seen, 'scored': seen - len(bad), 'bad_rows': len(bad),
             'bad_rows_file': sidecar(output) if bad else None, 'model_version': served.version, 'runtime': served.runtime,
             'engine': engine, 'seconds': round(time.perf_counter() - start, 3),
-            'logged': logged - lost if log else None, 'log_store': plog.store.uri if log else None}
+            'logged': logged - lost if log else None, 'log_store': plog.store.uri if log else None,
+            **({'explain': n_reasons, 'explain_method': explaining[0].method, 'explain_unit': explaining[0].unit} if n_reasons else {})}
 
 # %% ../nbs/07_scoring.ipynb #3b6411d3
-_PREPARED = {}  # in each worker process: (version, model SHA-256) -> ServedModel
+_PREPARED, _EXPLAINERS = {}, {}  # in each worker process: (version, model SHA-256) -> ServedModel, Explainer
 
 def _worker_model(model, manifest):
     "This process's `ServedModel` for `manifest`'s version, prepared on first use."
@@ -148,8 +160,14 @@ def _worker_model(model, manifest):
     if key not in _PREPARED: _PREPARED.clear(); _PREPARED[key] = prepare_model(model, manifest, threads=get_worker().state.nthreads)
     return _PREPARED[key]
 
-def _score_partition(df, shipped, id_column, features=False):
-    "Every row of pandas partition `df`: id, P(fraud) and verdict (NaN and 0 for bad rows), the reason a row is bad (and its `features`)."
+def _worker_explainer(model, manifest):
+    "This process's `Explainer` for `manifest`'s version, built on first use."
+    key = (manifest['version'], manifest['model']['sha256'])
+    if key not in _EXPLAINERS: _EXPLAINERS.clear(); _EXPLAINERS[key] = explainer(model, manifest)
+    return _EXPLAINERS[key]
+
+def _score_partition(df, shipped, id_column, features=False, explain=None):
+    "Every row of pandas partition `df`: id, P(fraud) and verdict (NaN and 0 for bad rows), the reason a row is bad (and its `features`, and `explain` reasons: input index -1 for bad rows)."
     import pandas as pd
     X, bad, reasons = feature_matrix(pa.Table.from_pandas(df[FEATURES], preserve_index=False))
     p, fraud = score_good_rows(_worker_model(*shipped), X, bad)
@@ -160,6 +178,10 @@ def _score_partition(df, shipped, id_column, features=False):
     res = pd.DataFrame({'fraud_probability': prob, 'fraud': flag, '_bad': why})
     if id_column in df.columns: res.insert(0, id_column, df[id_column].to_numpy())
     if features: res[FEATURES] = X
+    if explain:
+        top, names = _worker_explainer(*shipped).top(X[~bad], explain), reason_columns(explain)
+        for j, (part, fill) in enumerate(zip(top * explain, (-1, np.nan, np.nan) * explain)):
+            col = np.full(len(df), fill, part.dtype); col[~bad] = part[:, j // 3]; res[names[j]] = col
     return res
 
 # %% ../nbs/07_scoring.ipynb #0317a66f
@@ -197,23 +219,26 @@ def _readable(results, where):
     try: yield from results
     except (ValueError, pd.errors.ParserError) as e: raise DataError(f"{where}: not a readable file ({e})") from None
 
-def dask_engine(path, served, rows, id_column, where, scheduler=None, features=False):
-    "(answers, reasons, rows, (X, P(fraud), verdicts, ids) of the good rows if `features`) per partition of `path`, scored on Dask, in order."
+def dask_engine(path, served, rows, id_column, where, scheduler=None, features=False, explain=None):
+    "(answers, reasons, rows, (X, P(fraud), verdicts, ids) of the good rows if `features`) per partition of `path`, scored (and `explain`ed: K) on Dask, in order."
     import pandas as pd
     ddf = _dask_frame(path, rows, id_column, where)
     has_id = id_column in ddf.columns
     meta = pd.DataFrame({**({id_column: pd.Series(dtype=ddf[id_column].dtype)} if has_id else {}),
                          'fraud_probability': pd.Series(dtype='float64'), 'fraud': pd.Series(dtype='int8'),
-                         '_bad': pd.Series(dtype=object), **({f: pd.Series(dtype='float64') for f in FEATURES} if features else {})})
+                         '_bad': pd.Series(dtype=object), **({f: pd.Series(dtype='float64') for f in FEATURES} if features else {}),
+                         **{c: pd.Series(dtype='int64' if c.endswith('feature') else 'float64') for c in (reason_columns(explain) if explain else [])}})
     client = dask_client(scheduler)
     try:
         shipped, = client.scatter([(served.model, served.manifest)], broadcast=True, hash=False)
-        parts = ddf.map_partitions(_score_partition, shipped, id_column, features, meta=meta).to_delayed()
+        parts = ddf.map_partitions(_score_partition, shipped, id_column, features, explain, meta=meta).to_delayed()
         for res in _readable(in_order(client, parts), where):
             bad = res['_bad'].notna().to_numpy()
             reasons = {int(j): res['_bad'].iat[j] for j in np.flatnonzero(bad)}
             ids = pa.array(res[id_column].to_numpy()[~bad]) if has_id else None
             p, fraud = res['fraud_probability'].to_numpy()[~bad], res['fraud'].to_numpy()[~bad]
-            yield (answer_table(p, fraud, served.version, ids, id_column), reasons, len(res),
+            names = reason_columns(explain) if explain else []
+            top = tuple(res[names[j::3]].to_numpy()[~bad] for j in range(3)) if explain else None
+            yield (answer_table(p, fraud, served.version, ids, id_column, top), reasons, len(res),
                    (res[FEATURES].to_numpy()[~bad], p, fraud.astype(bool), ids) if features else None)
     finally: close_dask(client)
