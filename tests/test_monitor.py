@@ -1,6 +1,7 @@
 """monitor on real logs: the prediction log written through `PredictionLog`, labels through `add_labels`, versions through the
 registry; its numbers against a direct pandas/scikit-learn computation on the same rows, drift flagged only where a feature was
-shifted, the latest label winning, `--fail-on` conditions, Dask giving the same summary, and memory flat in the log's size."""
+shifted, the latest label winning, `--fail-on` conditions, Dask giving the same summary, and memory flat in the log's size; champion
+against a shadow per day and the reasons behind alerts (logged or computed, a kind without a method noted)."""
 import tracemalloc
 
 import numpy as np
@@ -13,7 +14,10 @@ from fraud_mlops.drift import PSI_ALERT, training_reference
 from fraud_mlops.labels import add_labels
 from fraud_mlops.monitor import QUALITY, check_conditions, format_monitor, monitor
 from fraud_mlops.predlog import PredictionLog, log_files
-from fraud_mlops.registry import save_version
+from fraud_mlops.promotion import paired_bootstrap
+from fraud_mlops.reasons import explainer
+from fraud_mlops.registry import load_model, save_version
+from fraud_mlops.runtime import prepare_model
 from fraud_mlops.store import open_store
 
 START = pd.Timestamp('2026-03-01', tz='UTC')
@@ -36,15 +40,16 @@ def new_version(store, fitted, reference=True):
     return save_version(store, model, {'threshold': THRESHOLD}, X[:50], y[:50], reference=ref if reference else None)['version']
 
 
-def record(store, version, X, p, ids, hours, rows_per_file=None):
-    "Log rows `X` (answered `p`, ids `ids`) through a PredictionLog, each at START + `hours` (rounded to the hour), a file per hour or per `rows_per_file`."
+def record(store, version, X, p, ids, hours, rows_per_file=None, shadow=None, reasons=None):
+    """Log rows `X` (answered `p`, ids `ids`) through a PredictionLog, each at START + `hours` (rounded to the hour), a file per hour or per
+    `rows_per_file`; `shadow` (a ServedModel) scored beside them by the log's writer, and `reasons(X)` logged with them, when given."""
     log = PredictionLog(store, flush_rows=10**9, flush_seconds=10**9)
     hours = np.asarray(hours, dtype='int64')
     for h in np.unique(hours):
         at = np.flatnonzero(hours == h)
         for part in np.array_split(at, max(1, len(at) // rows_per_file) if rows_per_file else 1):
             log.record_many((START + pd.Timedelta(hours=int(h))).timestamp(), f'r{h}', [str(i) for i in ids[part]], version,
-                            p[part], p[part] >= THRESHOLD, X[part])
+                            p[part], p[part] >= THRESHOLD, X[part], shadow=shadow, reasons=reasons and reasons(X[part]))
             log.flush()
     log.close()
     assert log.written == len(X) and not log.dropped
@@ -234,7 +239,7 @@ def test_conditions_hold_at_their_worst_version(served):
     assert held[1]['value'] == max(v['alert_rate'] for v in by.values()) and held[1]['feature'] is None
 
 
-def test_dask_gives_the_same_summary_as_this_process(served):
+def test_dask_gives_the_same_summary_as_this_process(served, shadowed):
     from distributed import LocalCluster
     store = served[0]
     assert len(log_files(store)) > 100
@@ -242,6 +247,8 @@ def test_dask_gives_the_same_summary_as_this_process(served):
         assert monitor(store, scheduler=cluster.scheduler_address) == monitor(store)
         window = dict(since='2026-03-02T06:00', until='2026-03-03')
         assert monitor(store, scheduler=cluster.scheduler_address, **window) == monitor(store, **window)
+        here = monitor(shadowed[0])                                  # shadow rows and reasons gathered by the tasks, explained here
+        assert here['shadow'] and here['reasons'] and monitor(shadowed[0], scheduler=cluster.scheduler_address) == here
 
 
 def test_monitor_reads_an_s3_store(mock_s3_uri, fitted):
@@ -290,3 +297,82 @@ def test_memory_is_flat_in_the_number_of_logged_rows(tmp_path, fitted):
     assert (n4, n40) == (8000, 80_000)
     print(f'peak traced memory: {small / 1e6:.1f} MB for 8,000 logged rows, {large / 1e6:.1f} MB for 80,000')
     assert large < 1.3 * small + 2e6
+
+
+@pytest.fixture(scope='module')
+def shadowed(tmp_path_factory, fitted):
+    """A store whose champion (the fitted model) answers the held-out half over two days with a shadow of 20 stumps scored beside it
+    (from hour 6 on), reasons logged with the first day's answers (`?explain=3`), every row labelled; (store, frame, champion, shadow)."""
+    from fraud_mlops.modelling import make_model
+    X, y, p, ref, model, train = fitted
+    store = open_store(tmp_path_factory.mktemp('shadowed')/'registry', create=True)
+    champion = new_version(store, fitted)
+    stumps = make_model('lgbm', n_estimators=20, num_leaves=2).fit(X[train], y[train])
+    shadow = save_version(store, stumps, {'threshold': THRESHOLD}, X[:50], y[:50])['version']
+    rows = np.flatnonzero(~train)
+    hours = np.random.default_rng(2).integers(0, 48, len(rows))
+    ids = np.array([f'sh-{i}' for i in rows], dtype=object)
+    explain = explainer(*load_model(store, champion))
+    for first, part in ((True, hours < 6), (False, (hours >= 6) & (hours < 24)), (False, hours >= 24)):
+        record(store, champion, X[rows[part]], p[rows[part]], ids[part], hours[part],
+               shadow=None if first else prepare_model(*load_model(store, shadow)), reasons=(lambda Z: explain.reasons(Z, 3)) if hours[part].max() < 24 else None)
+    add_labels(store, labels(ids, y[rows], hours), 'test')
+    frame = pd.DataFrame({'date': (START + pd.to_timedelta(hours, unit='h')).strftime('%Y-%m-%d'), 'hour': hours, 'y': y[rows], 'p': p[rows],
+                          'q': stumps.predict_proba(X[rows])[:, 1], 'row': rows, 'id': ids})
+    return store, frame, champion, shadow
+
+
+def test_champion_against_shadow_per_day_matches_a_direct_computation(shadowed):
+    store, frame, champion, shadow = shadowed
+    s = monitor(store, n_boot=200)
+    assert [(d['date'], d['champion'], d['shadow']) for d in s['shadow']] == [('2026-03-01', champion, shadow), ('2026-03-02', champion, shadow)]
+    for d in s['shadow']:
+        g = frame[(frame.date == d['date']) & (frame.hour >= 6)].sort_values(['hour', 'id'])   # the shadow started at hour 6; the monitor's order
+        a, b = g.p.to_numpy() >= THRESHOLD, g.q.to_numpy() >= THRESHOLD
+        assert (d['rows'], d['frauds'], d['champion_metrics']['alerts'], d['shadow_metrics']['alerts']) == (len(g), int(g.y.sum()), int(a.sum()), int(b.sum()))
+        assert d['champion_metrics']['f1'] == pytest.approx(f1_score(g.y, a), abs=1e-12)
+        assert d['shadow_metrics']['f1'] == pytest.approx(f1_score(g.y, b), abs=1e-9)
+        assert d['champion_metrics']['auprc'] == pytest.approx(average_precision_score(g.y, g.p), abs=2e-3)
+        paired = paired_bootstrap(g.y.to_numpy(), b, a, 200, 0)
+        assert d['f1_difference'] == pytest.approx(paired['f1_difference'], abs=1e-9)
+        assert (d['f1_difference_ci95'], d['p_shadow_better']) == (paired['f1_difference_ci95'], paired['p_candidate_better'])
+        for m in ('champion_metrics', 'shadow_metrics'):
+            for k in QUALITY: assert d[m]['intervals'][k][0] <= d[m][k] <= d[m]['intervals'][k][1], (m, k)
+    assert monitor(store, since='2026-03-02', n_boot=0)['shadow'][0]['f1_difference_ci95'] is None
+    text = format_monitor(s)
+    assert 'champion against shadow on the same labelled transactions' in text and f"{s['shadow'][0]['f1_difference']:.3f} [" in text
+
+
+def test_reasons_behind_alerts_logged_or_computed_count_the_same(shadowed, fitted):
+    store, frame, champion, _ = shadowed
+    X, *_ = fitted
+    explain = explainer(*load_model(store, champion))
+    s = monitor(store, n_boot=0)
+    by_date = {r['date']: r for r in s['reasons']}
+    assert [(r['date'], r['version']) for r in s['reasons']] == [('2026-03-01', champion), ('2026-03-02', champion)]
+    for date, logged in (('2026-03-01', True), ('2026-03-02', False)):
+        alerts = frame[(frame.date == date) & (frame.p >= THRESHOLD)]
+        r = by_date[date]
+        assert (r['alerts'], r['logged'], r['computed'], r['unexplained']) == (len(alerts), len(alerts) if logged else 0, 0 if logged else len(alerts), 0)
+        direct = pd.Series([x['feature'] for reasons in explain.reasons(X[alerts.row.to_numpy()], 3) for x in reasons]).value_counts()
+        assert {f['feature']: f['count'] for f in r['features']} == direct.to_dict()
+        assert [f['count'] for f in r['features']] == sorted(direct.to_list(), reverse=True)
+        assert sum(f['share'] for f in r['features']) == pytest.approx(3)
+    text = format_monitor(s)
+    top = s['reasons'][0]['features'][0]
+    assert 'reasons behind alerts' in text and f"{top['feature']} {top['share']:.0%}" in text
+
+
+def test_alerts_of_a_kind_without_explanation_are_counted_and_noted(tmp_path, fitted):
+    from fraud_mlops.modelling import make_model
+    X, y, p, _, _, train = fitted
+    store = open_store(tmp_path/'registry', create=True)
+    hgb = make_model('hgb', max_iter=20).fit(X[train], y[train])
+    v = save_version(store, hgb, {'threshold': THRESHOLD}, X[:50], y[:50])['version']
+    q = hgb.predict_proba(X)[:, 1]
+    record(store, v, X, q, np.arange(len(X)), np.zeros(len(X)))
+    s = monitor(store, n_boot=0)
+    (r,) = s['reasons']
+    assert (r['alerts'], r['logged'], r['computed'], r['unexplained'], r['features']) == (int((q >= THRESHOLD).sum()), 0, 0, int((q >= THRESHOLD).sum()), [])
+    assert any(n.startswith(f'version {v}: reasons of {r["alerts"]:,} alert(s) not computed (') for n in s['notes']), s['notes']
+    assert s['shadow'] == [] and 'champion against shadow' not in format_monitor(s)
