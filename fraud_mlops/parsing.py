@@ -4,18 +4,20 @@
 
 # %% auto #0
 __all__ = ['TOO_DEEP', 'CHECK_ROWS', 'is_json_type', 'check_ids', 'check_id', 'count_bytes', 'simd_batch', 'check_batch_size',
-           'parse_request', 'parse_rows', 'batch_json']
+           'parse_request', 'parse_rows', 'batch_json', 'explain_count']
 
 # %% ../nbs/06b_parsing.ipynb #e973c43c
 import json
+from urllib.parse import parse_qsl
 
 import numpy as np
 import orjson
 import simdjson
 from pydantic import ValidationError
 
-from .data import FEATURES
+from .data import FEATURES, DataError
 from .features import VERDICTS
+from .reasons import MAX_REASONS, check_explain
 from .api import ID_MAX, Batch, BadRequest, Transaction, brief, explain_errors, too_many_rows
 
 # %% ../nbs/06b_parsing.ipynb #4a16f1af
@@ -136,8 +138,20 @@ def parse_rows(body, content_type=None, single=True, max_rows=1, parser=None):
 # %% ../nbs/06b_parsing.ipynb #bdbe9e3d
 _HEADS = tuple(b'{"prediction":"%s","fraud_probability":' % verdict.encode() for verdict in VERDICTS)
 
-def batch_json(version, p, flags):
-    "The /predict/batch answer as bytes: probabilities `p`, fraud `flags`, all from model `version`; no Python object per row."
+def batch_json(version, p, flags, reasons=None):
+    "The /predict/batch answer as bytes: probabilities `p`, fraud `flags` (and each row's `reasons`), all from model `version`; no Python object per row without reasons."
+    if reasons is not None:   # asked for: the reasons cost far more than the dicts
+        return orjson.dumps({'model_version': version, 'predictions': [{'prediction': VERDICTS[f], 'fraud_probability': q, 'reasons': r}
+                                                                       for q, f, r in zip(np.asarray(p, np.float64).tolist(), flags.tolist(), reasons)]})
     numbers = orjson.dumps(np.ascontiguousarray(p, np.float64), option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",") if len(p) else []
     rows = b'},'.join([_HEADS[f] + q for q, f in zip(numbers, flags.tolist())])
     return orjson.dumps({'model_version': version})[:-1] + b',"predictions":[' + rows + (b'}]}' if rows else b']}')
+
+# %% ../nbs/06b_parsing.ipynb #911ca8c7
+def explain_count(query):
+    "K of `explain=K` in raw query string `query` (bytes; None without it); `BadRequest` (422) with one sentence if it is not a whole number from 1 to 30."
+    values = [v for k, v in parse_qsl(query.decode('latin-1'), keep_blank_values=True) if k == 'explain']
+    if not values: return None
+    if len(values) > 1: raise BadRequest(f'explain is given {len(values)} times: give it once, as a whole number from 1 to {MAX_REASONS}')
+    try: return check_explain(values[0])
+    except DataError as e: raise BadRequest(str(e)) from None

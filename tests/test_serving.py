@@ -62,7 +62,7 @@ def post_raw(c, path, text):
 def test_status_and_health(client, store, served_champion):
     v = served_champion
     assert client.get('/').json() == {'service': 'fraud-mlops', 'status': 'ready', 'model_version': v,
-                                      'store': store.uri, 'reason': None}
+                                      'store': store.uri, 'reason': None, 'shadow_version': None}
     assert client.get('/health/live').status_code == 200
     r = client.get('/health/ready')
     assert (r.status_code, r.json()) == (200, {'status': 'ready', 'model_version': v, 'reload_failure': None})
