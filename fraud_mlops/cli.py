@@ -212,11 +212,11 @@ def _score(args):
     "Run `score` and print one line about it."
     from fraud_mlops.scoring import score_file
     r = score_file(args.input, args.output, args.store, args.version, args.on_error, args.chunk_rows, args.id_column,
-                   'dask' if args.scheduler else args.engine, args.scheduler, progress=sys.stderr.isatty(), log=args.log,
-                   **({'explain': args.explain} if args.explain is not None else {}))
+                   'dask' if args.scheduler else args.engine, args.scheduler, progress=sys.stderr.isatty(), log=args.log, explain=args.explain)
     print(f"scored {r['scored']:,} of {r['rows']:,} rows with model {r['model_version']} ({r['engine']}, {r['seconds']:.1f} s): "
           f"{r['output']}" + (f"; {r['bad_rows']:,} bad rows listed in {r['bad_rows_file']}" if r['bad_rows'] else '')
-          + (f"; {r['logged']:,} answers logged in {r['log_store']}" if r['logged'] is not None else ''))
+          + (f"; {r['logged']:,} answers logged in {r['log_store']}" if r['logged'] is not None else '')
+          + (f"; {r['explain']} reasons a row ({r['explain_method']}, in {r['explain_unit']})" if r.get('explain') else ''))
 
 # %% ../nbs/09_cli.ipynb #a3b85f9d
 class ConditionHeld(Exception):

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['MAX_REASONS', 'DERIVED_FROM', 'SECANT_MIN', 'check_explain', 'reason_columns', 'NoExplanation', 'grouping',
            'sklearn_tree', 'tree_leaves', 'TreeShap', 'ForestShap', 'lightgbm_trees', 'LightGBMShap', 'secant',
-           'Explainer', 'explainer']
+           'reason_lists', 'Explainer', 'explainer']
 
 # %% ../nbs/05f_reasons.ipynb #c5a8bc10
 import re, threading
@@ -245,6 +245,12 @@ def _rows(X):
     if not np.isfinite(X).all(): raise DataError("rows to explain must be finite numbers")
     return X
 
+# %% ../nbs/05f_reasons.ipynb #7a2f9abb
+def reason_lists(index, value, contribution):
+    "One list per row of `{'feature', 'value', 'contribution'}` from `Explainer.top`'s arrays (n, k): what answers and the prediction log carry."
+    return [[{'feature': FEATURES[i], 'value': v, 'contribution': c} for i, v, c in zip(*row)]
+            for row in zip(np.asarray(index).tolist(), np.asarray(value).tolist(), np.asarray(contribution).tolist())]
+
 # %% ../nbs/05f_reasons.ipynb #3af82790
 class Explainer:
     "The reasons for the scores of one fitted model: `contributions` of the 30 raw inputs in `unit`, by `method`; `exact` if they are its Shapley values."
@@ -273,9 +279,7 @@ class Explainer:
 
     def reasons(self, X, k):
         "One list per row of `X` of its `k` reasons, {'feature', 'value' (raw input), 'contribution'}, the strongest push towards fraud first."
-        index, value, contribution = self.top(X, k)
-        return [[{'feature': FEATURES[i], 'value': v, 'contribution': c} for i, v, c in zip(*row)]
-                for row in zip(index.tolist(), value.tolist(), contribution.tolist())]
+        return reason_lists(*self.top(X, k))
 
 # %% ../nbs/05f_reasons.ipynb #081981fa
 def _model_kind(model, manifest):

@@ -22,7 +22,7 @@ from .scoring_files import (ID_COLUMN, AnswerWriter, BadRows, ReadAhead, check_p
                                        describe_bad_rows, feature_matrix, file_format, local_input, output_file, parquet_file, read_chunks,
                                        remove_output, sidecar, write_bad_rows)
 from .predlog import PredictionLog
-from .reasons import check_explain, explainer, reason_columns
+from .reasons import check_explain, explainer, reason_columns, reason_lists
 from .store import open_store
 
 # %% ../nbs/07_scoring.ipynb #14ea4462
@@ -70,7 +70,7 @@ def local_engine(chunks, served, id_column=ID_COLUMN, features=False, explain=No
         p, fraud = score_good_rows(served, X, bad)
         good = X[~bad] if reasons else X
         top = explain[0].top(good, explain[1]) if explain else None
-        yield (answer_table(p, fraud, served.version, ids, id_column, top), reasons, n, (good, p, fraud, ids) if features else None)
+        yield (answer_table(p, fraud, served.version, ids, id_column, top), reasons, n, (good, p, fraud, ids, top) if features else None)
 
 # %% ../nbs/07_scoring.ipynb #fa036efc
 LOG_CLOSE_SECONDS = 30.0   # how long the end of a job waits for the store to take its last log rows
@@ -81,10 +81,10 @@ def scoring_log(store, rows):
     return PredictionLog(open_store(store), flush_rows=min(s.log_flush_rows, rows), max_rows=max(s.log_buffer_rows, 2 * rows)).start()
 
 def record_chunk(plog, request_id, version, scored):
-    "Record one chunk's good rows (`scored`: X, P(fraud), verdicts, ids) in `plog`, first making room for them."
-    X, p, fraud, ids = scored
+    "Record one chunk's good rows (`scored`: X, P(fraud), verdicts, ids and the top reasons or None) in `plog`, first making room for them."
+    X, p, fraud, ids, top = scored
     if plog.pending + len(p) > plog.max_rows: plog.flush()      # wait for the store rather than drop the rows
-    plog.record_many(time.time(), request_id, ids, version, p, fraud, X, source='score')
+    plog.record_many(time.time(), request_id, ids, version, p, fraud, X, source='score', reasons=None if top is None else reason_lists(*top))
 
 def close_scoring_log(plog, scored, quiet=False):
     "Close `plog` (waiting up to `LOG_CLOSE_SECONDS`); how many of the `scored` rows it did not write, said on stderr unless `quiet`."
@@ -240,5 +240,5 @@ def dask_engine(path, served, rows, id_column, where, scheduler=None, features=F
             names = reason_columns(explain) if explain else []
             top = tuple(res[names[j::3]].to_numpy()[~bad] for j in range(3)) if explain else None
             yield (answer_table(p, fraud, served.version, ids, id_column, top), reasons, len(res),
-                   (res[FEATURES].to_numpy()[~bad], p, fraud.astype(bool), ids) if features else None)
+                   (res[FEATURES].to_numpy()[~bad], p, fraud.astype(bool), ids, top) if features else None)
     finally: close_dask(client)

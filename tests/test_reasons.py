@@ -179,3 +179,21 @@ def test_score_file_explain_refuses_bad_k_first_and_a_model_without_a_method_bef
     assert (tmp_path/'out.csv').read_text() == 'an earlier output\n'                    # nothing written
     assert not [p for p in tmp_path.iterdir() if p.name.startswith('.') or 'bad_rows' in p.name]
     assert not store.keys('predictions')
+
+
+def test_score_file_log_keeps_the_reasons_it_wrote(store, save_as_champion, models, xy, scored_file, tmp_path):
+    "`score --log --explain K`: each logged row carries, as JSON, exactly the K reasons its output row has."
+    import json
+    from fraud_mlops.predlog import read_log
+    X, y = xy
+    save_as_champion(store, models['lgbm_rf'], X, y)
+    df, path = scored_file
+    score_file(path, tmp_path/'why.parquet', store.root, rows=1_000, progress=False, explain=2, log=True)
+    out = pd.read_parquet(tmp_path/'why.parquet')
+    logged = pd.concat([t.to_pandas() for t in read_log(store, columns=['transaction_id', 'reasons'])])
+    assert len(logged) == len(out) and logged.reasons.notna().all()
+    by_id = dict(zip(logged.transaction_id, logged.reasons))
+    for _, row in out.sample(50, random_state=0).iterrows():
+        want = [{'feature': str(row[f'reason_{i}_feature']), 'value': row[f'reason_{i}_value'],
+                 'contribution': row[f'reason_{i}_contribution']} for i in (1, 2)]
+        assert json.loads(by_id[str(row['id'])]) == want
