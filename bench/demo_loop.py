@@ -1,4 +1,4 @@
-"""`make demo-loop`: the loop of issue 15 on real data, on this machine, checked as it goes.
+"""`make demo-loop`: the loop (issues 15 and 16) on real data, on this machine, checked as it goes.
 
 In a temporary store (with its own throwaway signing keys): train on day 1 of the data (`Time < 86400`) with
 `fraud-mlops train` (the default model and protocol, the report's comparisons off, 200 bootstrap resamples:
@@ -14,10 +14,16 @@ other input drifts exactly as much in both. (Day 2 of the real data itself moves
 V1, V3 and V28 by a PSI above 1: the monitor flags those in both windows alike, and is right to; `nbs/01e_drift.ipynb`
 shows why. So the unshifted window is "not flagged" for the shifted feature, not for every input.)
 
+A challenger runs in shadow all along (issue 16): a second model of another kind (`--challenger`, default `lgbm`) trained
+on day 1 and set with `fraud-mlops shadow`; the API scores it on every replayed row in its log. While only 10% of the
+labels are in, `promote --evidence live` refuses (too few labelled frauds) and changes nothing; with all of them it
+decides on the same labelled transactions, paired bootstrap, and the decision names that evidence. One alert of day 2
+is asked for its reasons (`/predict?explain=3`), and `monitor` shows champion against shadow and the reasons behind alerts.
+
 Prints the monitor outputs and one line per expectation; exits 1 if any expectation fails (it is also a check).
 `--quick` runs on the committed CI subset (day 2: 4,935 rows) in about a minute; `--data` takes another CSV.
 """
-import argparse, http.client, os, shutil, signal, subprocess, sys, tempfile, time
+import argparse, http.client, json, os, shutil, signal, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +37,7 @@ from fraud_mlops.data import CI_SUBSET, DAY, FEATURES, FULL_DATA, TARGET, DataEr
 from fraud_mlops.drift import PSI_ALERT  # noqa: E402
 from fraud_mlops.monitor import format_monitor, monitor  # noqa: E402
 from fraud_mlops.predlog import read_log  # noqa: E402
+from fraud_mlops.registry import list_decisions, read_champion, read_shadow  # noqa: E402
 from fraud_mlops.replay import replay  # noqa: E402
 from fraud_mlops.store import open_store  # noqa: E402
 from common import free_port, stop  # noqa: E402  (bench/common.py, beside this script)
@@ -112,7 +119,30 @@ def quality(summary):
     return summary['versions'][0] if len(summary['versions']) == 1 else None
 
 
-def labels_late(demo, store, day2, window, seed=0):
+def live_promotion(demo, store, champion, shadow, frauds_labelled):
+    "`fraud-mlops promote --evidence live`: refused (exit 3, nothing changed) below 30 labelled frauds, else decided on the labelled traffic."
+    before = len(list_decisions(store))
+    r = demo.run('promote', '--evidence', 'live', '--no-notify')
+    if frauds_labelled < 30:
+        demo.check(r.returncode == 3 and 'nothing' in r.stderr and len(list_decisions(store)) == before
+                   and read_champion(store)[0]['version'] == champion,
+                   f'promote --evidence live with {frauds_labelled} labelled frauds: refused (exit 3), nothing changed')
+        return None
+    d = list_decisions(store)[-1] if r.returncode == 0 else {}
+    e = d.get('evidence', {})
+    demo.check(r.returncode == 0 and e.get('kind') == 'live' and (e.get('champion'), e.get('shadow')) == (champion, shadow)
+               and e.get('frauds') == frauds_labelled,
+               f"promote --evidence live decides: {d.get('decision')} on {e.get('rows')} labelled rows, {e.get('frauds')} frauds, "
+               f"F1 shadow {d.get('candidate_metrics', {}).get('f1', float('nan')):.3f} vs champion {d.get('champion_metrics', {}).get('f1', float('nan')):.3f}, "
+               f"difference {e.get('f1_difference', float('nan')):+.3f} [{', '.join(f'{x:+.3f}' for x in e.get('f1_difference_ci95') or [])}]")
+    now = read_champion(store)[0]['version']
+    demo.check(now == (shadow if d.get('decision') == 'promoted' else champion)
+               and (read_shadow(store)[0]['version'] is None) == (d.get('decision') == 'promoted'),
+               f"the champion is now {now} ({'the shadow, whose shadow run is stopped' if now == shadow else 'unchanged, the shadow still running'})")
+    return d
+
+
+def labels_late(demo, store, day2, window, champion, shadow, seed=0):
     "Add day 2's labels in steps (a seeded random order) with `fraud-mlops labels add`, monitoring `window` before the first and after each."
     order = np.random.default_rng(seed).permutation(len(day2))
     labels = pd.DataFrame({'transaction_id': [f'tx-{i}' for i in day2.index], 'label': day2[TARGET].to_numpy()})
@@ -133,9 +163,14 @@ def labels_late(demo, store, day2, window, seed=0):
         demo.check(v is not None and v['rows'] == len(day2) and v['labelled'] == done,
                    f"{done:,} of {len(day2):,} logged rows labelled (coverage {v['coverage']:.3f})" if v else 'one model version in the log')
         if done == 0: demo.check(v is not None and v['recall'] is None, 'no labels, no realised recall (null, not 0)')
+        if step == LABEL_STEPS[0]:   # too few labelled frauds yet to rank two models (with 30 or more, the decision waits for all labels)
+            if (n := int(day2[TARGET].to_numpy()[order[:done]].sum())) < 30: live_promotion(demo, store, champion, shadow, n)
     ok = v is not None and v['recall'] is not None and v['precision'] is not None
     demo.check(ok, f"all labels in: realised recall {v['recall']:.3f}, precision {v['precision']:.3f} on {frauds} frauds" if ok
                else 'all labels in: realised recall and precision')
+    for row in summary.get('shadow', []):
+        print(f"champion {row.get('champion')} vs shadow {row.get('shadow')} on {row.get('date')}: {json.dumps({k: row[k] for k in row if k not in ('champion', 'shadow', 'date')}, default=str)[:600]}")
+    demo.check(bool(summary.get('shadow')), 'monitor shows the champion against the shadow on the same labelled transactions')
 
 
 def main(argv=None):
@@ -144,6 +179,7 @@ def main(argv=None):
     p.add_argument('--quick', action='store_true', help='the CI subset (day 2: 4,935 rows) and a faster replay: about a minute')
     p.add_argument('--rate', type=float, help='replay rows per second (default 10,000; --quick 5,000)')
     p.add_argument('--shift', default='V14=3', help='FEATURE=DELTA added to the second replay (default V14=3)')
+    p.add_argument('--challenger', default='lgbm', help='model kind of the challenger run in shadow (default lgbm)')
     p.add_argument('--folder', help='work in this folder, and keep it (default: a temporary folder, removed unless something fails)')
     args = p.parse_args(argv)
     data = resolve_path(args.data or (CI_SUBSET if args.quick else FULL_DATA))
@@ -170,13 +206,31 @@ def main(argv=None):
                f'fraud-mlops train on day 1 ({time.monotonic() - t:.0f} s, {" ".join(params)})')
     r = demo.run('promote', '--no-notify')
     if not demo.check(r.returncode == 0 and r.stdout.startswith('promoted'), 'the day-1 model is promoted'): return finish(demo, folder, args, started)
-
     store = open_store(demo.store)
+    champion = read_champion(store)[0]['version']
+
+    section(f'train a challenger ({args.challenger}) on day 1 and run it in shadow')
+    t = time.monotonic()
+    demo.check(demo.run('train', '--data', folder/'day1.csv', '--output', folder/'challenger.ipynb', '-p', 'model', args.challenger, *params).returncode == 0,
+               f'fraud-mlops train -p model {args.challenger} on day 1 ({time.monotonic() - t:.0f} s)')
+    shadow = [m['version'] for m in json.loads(demo.run('models', '--json', quiet=True).stdout) if m['version'] != champion][-1]
+    demo.check(demo.run('shadow', shadow).returncode == 0 and read_shadow(store)[0]['version'] == shadow, f'fraud-mlops shadow {shadow}')
+
     proc, url = serve(demo)
     try:
         section(f'replay day 2 through {url} with transaction ids (tx-<row>), at most {rate:,.0f} rows/s')
         plain = replayed(demo, store, 'day 2', day2, url, rate)
-        labels_late(demo, store, day2, plain)
+        shadowed = sum(t.num_rows - t['shadow_probability'].null_count for t in read_log(store, plain['since'], plain['until'], columns=['shadow_probability']))
+        demo.check(shadowed == len(day2), f'the shadow scored every replayed row in the log ({shadowed:,})')
+        section('the reasons of one alert of day 2 (POST /predict?explain=3)')
+        conn, answer = http.client.HTTPConnection(url.split('//')[1]), {}
+        for _, row in day2[day2[TARGET] == 1].iterrows():          # the first fraud of day 2 that the champion flags
+            conn.request('POST', '/predict?explain=3', json.dumps({'features': row[FEATURES].tolist()}), {'Content-Type': 'application/json'})
+            answer = json.loads(conn.getresponse().read())
+            if answer.get('prediction') == 'fraud': break
+        print(json.dumps(answer))
+        demo.check(answer.get('prediction') == 'fraud' and len(answer.get('reasons', [])) == 3, 'an alert carries its three strongest reasons')
+        labels_late(demo, store, day2, plain, champion, shadow)
 
         section('export the labelled traffic after day 1 (what the weekly retraining trains on)')
         r = demo.run('export-training-data', folder/'retrain.csv', '--append-to', folder/'day1.csv', '--since', plain['since'], '--until', plain['until'])
@@ -214,6 +268,8 @@ def main(argv=None):
     demo.check(plain_cli.returncode == (3 if moving else 0) and feature not in plain_cli.stderr,
                f'on the unshifted window it exits {3 if moving else 0} ({"the day-level inputs" if moving else "nothing moved"}), '
                f'and does not name {feature}')
+    section('promote on live evidence: the shadow against the champion on the labelled day 2 (fraud-mlops promote --evidence live)')
+    live_promotion(demo, store, champion, shadow, int(day2[TARGET].sum()))
     return finish(demo, folder, args, started)
 
 

@@ -14,7 +14,11 @@ shipped (metrics, its JSON access log on, which replaces uvicorn's, and the pred
 with the prediction log off and once more on, for the log's cost in the same run (on, off, on: the mean of
 the two runs with it on against the one off, so the machine's drift during the run does not pass for the
 log's cost), and the rows the log wrote are counted back from the store. The no-model ceiling runs without
-any access log, the seed's reference with uvicorn's default one, as the seed shipped it.
+any access log, the seed's reference with uvicorn's default one, as the seed shipped it. Then a challenger in
+shadow (`fraud-mlops shadow`: a second model of the same kind, scored by the log's writer on every answered row):
+/predict at 8 connections and batches with it against the same server without it, run just before, and the
+logged rows the shadow scored; and what `?explain=K` costs: per row in process (one row, and rows of a
+1,000-row batch) and /predict?explain=3 at 8 connections. The shadow runs need the temporary store (not `--store`).
 """
 import argparse, asyncio, json, os, re, shutil, socket, subprocess, sys, tempfile, threading, time
 from pathlib import Path
@@ -207,6 +211,48 @@ def logged_rows(store):
     return {'rows': sum(t.num_rows for t in read_log(st, columns=['time'])), 'files': len(log_files(st))}
 
 
+def shadow_rows(store):
+    "Logged rows of local store `store` that a shadow scored."
+    from fraud_mlops.predlog import read_log
+    return sum(t.num_rows - t['shadow_probability'].null_count for t in read_log(open_store(store), columns=['shadow_probability']))
+
+
+def shadow_and_explain(store, tmp, files, args, X, without):
+    "Print /predict c=8 and batch rows/s with a shadow against `without` (the same server without one, just measured), and what ?explain costs."
+    from fraud_mlops.reasons import explainer
+    from fraud_mlops.registry import load_champion, set_shadow
+    from fraud_mlops.train import build_manifest, train_candidate
+    df = load_transactions(resolve_path(CI_SUBSET))
+    st = open_store(store)
+    model, manifest = load_champion(st)
+    r = train_candidate(df, model=manifest.get('model_kind') or 'lgbm_rf', n_boot=0, n_jobs=1, folds=2, compare_rules=False, random_state=7)
+    m = save_version(st, r.model, build_manifest(r, CI_SUBSET, 'ci', len(df), int(df[TARGET].sum()), {}), r.evidence['X'], r.evidence['y'], r.evidence['p'])
+    set_shadow(st, m['version'], 'make bench')
+    before = shadow_rows(store)
+    proc, url = start('fraud_mlops.serving:app', {'FRAUD_MLOPS_STORE': store}, args.workers, f'{tmp}/shadow.log', quiet=True)
+    try:
+        assert httpx.get(f'{url}/').json()['shadow_version'] == m['version'], 'the shadow did not load'
+        shadow = {'c8': load(f'{url}/predict', files['single'], 8, args.seconds, tmp),
+                  'batch': load(f'{url}/predict/batch', files['batch'], 1, args.seconds, tmp)}
+        explained = load(f'{url}/predict?explain=3', files['single'], 8, args.seconds, tmp)
+    finally: stop(proc)
+    scored = shadow_rows(store) - before
+    b_with, b_without = shadow['batch'][0] * args.batch_rows, without['batch'][0] * args.batch_rows
+    print(f"shadow cost: {shadow['c8'][0]:.0f} req/s at 8 connections with a shadow vs {without['c8'][0]:.0f} without, same run: "
+          f"{shadow['c8'][0] / without['c8'][0]:.0%} (target >= 80%); p99 {shadow['c8'][2]:.2f} vs {without['c8'][2]:.2f} ms; "
+          f"batch rows/s {b_with:.0f} vs {b_without:.0f} ({b_with / b_without:.0%}); {scored} logged rows scored by the shadow")
+    exp = explainer(model, manifest)
+    one = min(timeit_once(lambda: exp.reasons(X[i:i + 1], 3)) for i in range(200))
+    many = min(timeit_once(lambda: exp.reasons(X[:1000], 3)) for _ in range(5)) / 1000
+    print(f"explain cost ({exp.method}, in {exp.unit}): {one * 1e3:.3f} ms for one row, {many * 1e6:.1f} us a row in a 1,000-row batch (in process, best of runs); "
+          f"/predict?explain=3 at 8 connections {explained[0]:.0f} req/s, p99 {explained[2]:.2f} ms (plain /predict with the shadow: {shadow['c8'][0]:.0f})")
+    return shadow['c8'][3] + shadow['batch'][3] + explained[3]
+
+
+def timeit_once(f):
+    t = time.perf_counter(); f(); return time.perf_counter() - t
+
+
 def main():
     global X_EXAMPLE
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -258,7 +304,8 @@ def main():
         finally: stop(proc)
         off['batch'] = (off['batch'][0] * args.batch_rows, *off['batch'][1:])  # rows/s, as `measure` reports batches
         proc, url = start('fraud_mlops.serving:app', {'FRAUD_MLOPS_STORE': store}, args.workers, f'{tmp}/predlog.log', quiet=True)
-        try: on_again = load(f'{url}/predict', files['single'], 8, args.seconds, tmp)  # on, off, on: the machine's drift shows
+        try: on_again, again_batch = (load(f'{url}/predict', files['single'], 8, args.seconds, tmp),  # on, off, on: the machine's drift shows
+                                      load(f'{url}/predict/batch', files['batch'], 1, args.seconds, tmp))
         finally: stop(proc)
         ours, refr, const = results['fraud-mlops'], results['seed reference'], results['no-model constant']
         print(f'\nload average at end: {load_avg()}')
@@ -279,6 +326,9 @@ def main():
               f"({ours['batch'][0] / off['batch'][0]:.0%})")
         print(f"prediction log: {logged['rows']} rows in {logged['files']} Parquet files under {store}/predictions after the runs with it on")
         errors = sum(r[k][3] for r in results.values() for k in ('c1', 'c8', 'batch')) + nolog[3] + off['c8'][3] + off['batch'][3] + on_again[3]
+        if store.startswith(tmp):  # our temporary store: a shadow may be set in it
+            errors += again_batch[3] + shadow_and_explain(store, tmp, files, args, X, {'c8': on_again, 'batch': again_batch})
+        else: print('shadow cost: not measured (it sets a shadow, so it needs the temporary store: run without --store)')
         print(f'failed requests in all runs: {errors}')
         memory(store, tmp, X)
     finally:

@@ -9,8 +9,8 @@ __all__ = ['thin_evidence', 'promote_live']
 from .data import utc_time
 from .evaluation import classification_metrics
 from .live_evidence import live_rows
-from .promotion import MIN_FRAUDS, gate, notify_api, paired_bootstrap
-from .registry import load_manifest, read_champion, read_shadow, record_decision, set_champion, stop_shadow
+from .promotion import MIN_FRAUDS, gate, notify_api, paired_bootstrap, retire_shadow
+from .registry import load_manifest, read_champion, read_shadow, record_decision, set_champion
 from .store import ConflictError
 
 # %% ../nbs/07d_live_promotion.ipynb #15628414
@@ -50,7 +50,6 @@ def promote_live(store, min_gain=0.0, dry_run=False, notify=True, resamples=1000
         decision['log'] = record_decision(store, decision)
         return decision
     decision['log'] = set_champion(store, shadow, tag, decision['reason'], pointer, decision)['decision_log']   # pointer and decision: one write
-    try: decision['shadow_stop'] = {'log': stop_shadow(store, 'promoted to champion', version=shadow)['decision_log']}
-    except ConflictError as e: decision['shadow_stop'] = {'error': str(e)}     # another shadow was started meanwhile: it keeps running
+    decision['shadow_stop'] = retire_shadow(store, shadow)   # another shadow started meanwhile keeps running
     if notify: decision['notify'] = notify_api()
     return decision

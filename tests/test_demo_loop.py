@@ -27,7 +27,10 @@ def test_the_quick_demo_closes_the_loop_and_checks_it(tmp_path):
                      'ok    4,935 of 4,935 logged rows labelled (coverage 1.000)',
                      'ok    export-training-data: day 1 then the 4,935 labelled day-2 rows, every fraud kept',
                      'ok    V14 is not flagged on the unshifted replay', 'ok    V14 is flagged on the shifted replay, the most drifted input',
-                     'ok    fraud-mlops monitor --fail-on "psi>0.2" exits 3 on the shifted window, naming V14'):
+                     'ok    fraud-mlops monitor --fail-on "psi>0.2" exits 3 on the shifted window, naming V14',
+                     'ok    the shadow scored every replayed row in the log (4,935)', 'ok    an alert carries its three strongest reasons',
+                     'ok    monitor shows the champion against the shadow on the same labelled transactions',
+                     'ok    promote --evidence live decides:'):
         assert expected in out, expected
     assert out.count('precision') >= 5 and 'drifting (PSI > 0.2): V14' in out   # the monitor tables are printed
     kept = tmp_path/'demo'

@@ -197,3 +197,18 @@ def test_promote_on_live_evidence_without_a_shadow_is_a_conflict_and_changes_not
     r = cli('promote', '--evidence', 'live', '--no-notify', '--resamples', '100', '--seed', '1', '--store', store.root)
     assert r.returncode == 3 and 'no shadow is running: start one with fraud-mlops shadow VERSION' in r.stderr, r.stderr
     assert (store.get('champion.json'), store.keys('decisions')) == before and read_champion(store)[0]['version'] == a
+
+
+def test_promoting_the_running_shadow_offline_stops_it_and_leaves_another_alone(store, add_champion, add_candidate):
+    "A shadow promoted offline serves as champion from then on: its shadow stops, logged; promoting another version leaves the shadow running."
+    from fraud_mlops.promotion import promote
+    from fraud_mlops.registry import read_shadow, set_shadow
+    add_champion(store)
+    shadowed, other = add_candidate(store, n_estimators=30), add_candidate(store, n_estimators=25)
+    set_shadow(store, shadowed)
+    d = promote(store, other, min_gain=-1.0, notify=False)               # any F1 passes: the gate is not what is tested here
+    assert d['decision'] == 'promoted' and 'shadow_stop' not in d and read_shadow(store)[0]['version'] == shadowed
+    d = promote(store, shadowed, min_gain=-1.0, notify=False)
+    assert d['decision'] == 'promoted' and read_shadow(store)[0]['version'] is None
+    stop = json.loads(store.get(d['shadow_stop']['log']))
+    assert (stop['decision'], stop['candidate'], stop['reason']) == ('shadow-stop', shadowed, 'promoted to champion')
