@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['CORES', 'VARS', 'HOME_VARS', 'ConfigError', 'cgroup_cores', 'usable_cores', 'text', 'flag', 'count', 'seconds',
-           'timeout', 'one_of', 'Var', 'cache_folder', 'key_folder', 'Settings', 'settings', 'config_table']
+           'timeout', 'one_of', 'project_root', 'project_path', 'store_location', 'Var', 'cache_folder', 'key_folder',
+           'Settings', 'settings', 'config_table']
 
 # %% ../nbs/00_config.ipynb #0643e951
-import math, os
+import math, os, re
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -76,6 +77,38 @@ def one_of(*choices):
     read.__doc__ = ' or '.join(choices) + '.'
     return read
 
+# %% ../nbs/00_config.ipynb #a4d4ad30
+def _ours(folder):
+    "Whether `folder` holds this project's `settings.ini` (`lib_name = fraud_mlops`)."
+    try: return re.search(r'(?m)^\s*lib_name\s*=\s*fraud_mlops\s*$', (Path(folder)/'settings.ini').read_text()) is not None
+    except (OSError, UnicodeDecodeError): return False   # none, a folder, unreadable
+
+def project_root(cwd=None, package=None):
+    "The project folder: the one holding our `settings.ini` above `package` (default: this package's folder), else at or above `cwd` (default: the working folder), else `cwd`."
+    if package is None:
+        import fraud_mlops
+        package = Path(fraud_mlops.__file__).parent
+    here = Path(package).resolve().parent
+    if _ours(here): return here
+    cwd = Path(os.getcwd() if cwd is None else cwd).absolute()
+    return next((d for d in (cwd, *cwd.parents) if _ours(d)), cwd)
+
+
+# %% ../nbs/00_config.ipynb #30cd7d20
+def project_path(path, root=None):
+    "Local `path` made absolute: `~` expanded, a relative one taken from `root` (default `project_root()`), `.` and `..` removed."
+    p = Path(path).expanduser()
+    return Path(os.path.normpath(p if p.is_absolute() else Path(root or project_root())/p))
+
+
+# %% ../nbs/00_config.ipynb #d1c070c8
+def store_location(uri, root=None):
+    "Store `uri` with a local folder made absolute by `project_path` (also after `file://`); `s3://` and other URIs as they are."
+    s = str(uri)
+    if re.match(r'(?i)file://', s): return 'file://' + str(project_path(s[7:], root))
+    return s if '://' in s else str(project_path(s, root))
+
+
 # %% ../nbs/00_config.ipynb #f31eefe0
 @dataclass(frozen=True)
 class Var:
@@ -114,7 +147,8 @@ def key_folder(env=None):
 # %% ../nbs/00_config.ipynb #3bcf0deb
 CORES = 'the cores this process may use'
 VARS = {
-    'store': Var('FRAUD_MLOPS_STORE', text, 'registry', 'model store: a folder, or s3://bucket/prefix'),
+    'store': Var('FRAUD_MLOPS_STORE', store_location, lambda env: store_location('registry'), 'model store: a folder (a relative one is '
+                 'taken from the project root, the folder of `settings.ini`, else the working folder), or s3://bucket/prefix', '`registry`'),
     'admin_token': Var('FRAUD_MLOPS_ADMIN_TOKEN', text, '', 'bearer token of `POST /reload` and `POST /labels`; unset, both are off',
                        'unset', secret=True),
     'signing_key': Var('FRAUD_MLOPS_SIGNING_KEY', text, '', 'Ed25519 private key (PEM text, or the path of a PEM file) that training and '
@@ -209,14 +243,14 @@ class Settings:
 HOME_VARS = ('XDG_CACHE_HOME', 'XDG_CONFIG_HOME', 'HOME')  # what machine-dependent defaults read besides `VARS`
 
 @lru_cache(maxsize=16)
-def _parse(raws, home):
+def _parse(raws, home, cwd):  # `cwd`: a relative store is the working folder's when there is no project root
     env = {k: v for k, v in zip(HOME_VARS, home) if v}
     return Settings(**{k: v.value(raw, env) for (k, v), raw in zip(VARS.items(), raws)})
 
 def settings(environ=None):
     "The `Settings` of `environ` (default `os.environ`); `ConfigError` names the first unusable variable."
     env = os.environ if environ is None else environ
-    return _parse(tuple(env.get(v.name) for v in VARS.values()), tuple(env.get(k) for k in HOME_VARS))
+    return _parse(tuple(env.get(v.name) for v in VARS.values()), tuple(env.get(k) for k in HOME_VARS), os.getcwd())
 
 # %% ../nbs/00_config.ipynb #107c3ce5
 def config_table():

@@ -13,7 +13,7 @@ import contextlib, getpass, hashlib, io, logging, os, re, secrets, socket, time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import settings
+from .config import settings, store_location
 
 log = logging.getLogger('fraud_mlops.store')
 
@@ -371,8 +371,8 @@ def mock_bucket(bucket='fraud-models'):
 
 # %% ../nbs/01b_store.ipynb #e6fc04f9
 def store_uri(uri=None):
-    "`uri`, else `FRAUD_MLOPS_STORE`, else `registry`."
-    return str(uri or settings().store)
+    "`uri`, else `FRAUD_MLOPS_STORE`, else `registry`; a local folder made absolute from the project root (`store_location`)."
+    return store_location(uri) if uri else settings().store
 
 def open_store(uri=None, create=False):
     "The store at `uri` (see `store_uri`); `create` makes a missing local folder (an S3 bucket must exist)."
