@@ -93,13 +93,11 @@ def project_root(cwd=None, package=None):
     cwd = Path(os.getcwd() if cwd is None else cwd).absolute()
     return next((d for d in (cwd, *cwd.parents) if _ours(d)), cwd)
 
-
 # %% ../nbs/00_config.ipynb #30cd7d20
 def project_path(path, root=None):
     "Local `path` made absolute: `~` expanded, a relative one taken from `root` (default `project_root()`), `.` and `..` removed."
     p = Path(path).expanduser()
     return Path(os.path.normpath(p if p.is_absolute() else Path(root or project_root())/p))
-
 
 # %% ../nbs/00_config.ipynb #d1c070c8
 def store_location(uri, root=None):
@@ -107,7 +105,6 @@ def store_location(uri, root=None):
     s = str(uri)
     if re.match(r'(?i)file://', s): return 'file://' + str(project_path(s[7:], root))
     return s if '://' in s else str(project_path(s, root))
-
 
 # %% ../nbs/00_config.ipynb #f31eefe0
 @dataclass(frozen=True)

