@@ -15,8 +15,9 @@ from .evaluation import classification_metrics
 from .config import settings
 from .features import is_fraud
 from .modelling import fraud_probability
-from .registry import (decided_versions, delete_version, list_versions, load_evidence, load_model, read_champion,
-                                  read_shadow, record_decision, set_champion, stop_shadow, version_statuses)
+from .registry import (decided_versions, delete_version, list_versions, list_decisions, load_evidence, load_model,
+                                  read_champion, read_shadow, record_decision, set_champion, stop_shadow, version_statuses)
+from .data import DataError
 from .store import ConflictError, StoreError
 
 # %% ../nbs/04_promotion.ipynb #6b979122
@@ -139,16 +140,20 @@ def promote(store, version=None, min_gain=0.0, dry_run=False, notify=True, min_f
     return decision
 
 # %% ../nbs/04_promotion.ipynb #c82f0720
-def rollback(store, to=None, notify=True):
-    "Point the champion at `to` (default: the version before the current champion); log and return the decision."
+def rollback(store, to=None, notify=True, force=False):
+    "Point the champion at `to` (default: the version before the current champion; one never champion only with `force`); log and return the decision."
     pointer, tag = read_champion(store)
     if pointer is None: raise StoreError(f"store {store.uri} has no champion to roll back")
     to = to or pointer.get('previous')
     if not to: raise StoreError(f"champion {pointer['version']} has no previous version; name one with --to")
     if to == pointer['version']: raise StoreError(f"version {to} is already the champion")
     load_model(store, to)  # refuse a missing, unsigned or corrupt target before touching the pointer
-    reason = f"rollback from {pointer['version']} to {to}"
-    decision = {'candidate': to, 'champion': pointer['version'], 'decision': 'rollback', 'reason': reason}
+    served = {d['candidate'] for d in list_decisions(store, pointer) if d.get('decision') in ('promoted', 'rollback')}
+    if to not in served and not force:
+        raise DataError(f"version {to} was never champion: rolling back to it would serve it without the promotion gate; "
+                        "promote it instead, or pass --force if that is meant; nothing changed")
+    reason = f"rollback from {pointer['version']} to {to}" + (' (forced: never champion before)' if to not in served else '')
+    decision = {'candidate': to, 'champion': pointer['version'], 'decision': 'rollback', 'reason': reason, 'forced': to not in served}
     decision['log'] = set_champion(store, to, tag, reason, pointer, decision)['decision_log']   # a new, higher, signed pointer
     if notify: decision['notify'] = notify_api()
     return decision
