@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['LOG_CLOSE_SECONDS', 'scoring_model', 'chunk_features', 'score_good_rows', 'answer_table', 'local_engine',
-           'scoring_log', 'record_chunk', 'close_scoring_log', 'score_file', 'dask_engine']
+           'scoring_log', 'record_chunk', 'close_scoring_log', 'numbered', 'score_file', 'dask_engine']
 
 # %% ../nbs/07_scoring.ipynb #f16914de
 import secrets, sys, time
@@ -95,6 +95,13 @@ def close_scoring_log(plog, scored, quiet=False):
               f"{unwritten:,} unwritten: {plog.last_error})", file=sys.stderr)
     return lost
 
+# %% ../nbs/07_scoring.ipynb #d56a6f83
+def numbered(out, first, n, bad):
+    "Answers `out` of a chunk of `n` rows after the `first` rows, with `row` first: the 1-based row numbers of its rows, `bad` (chunk indices) skipped."
+    rows = np.arange(first + 1, first + n + 1, dtype='int64')
+    if bad: rows = np.delete(rows, sorted(bad))
+    return out.add_column(0, 'row', pa.array(rows, pa.int64()))
+
 # %% ../nbs/07_scoring.ipynb #8fb75835
 def _progress(on, total, where):
     "A tqdm bar of rows on stderr, or (not `on`) a stand-in counting nothing, without importing tqdm."
@@ -134,6 +141,7 @@ def score_file(input, output, store=None, version=None, on_error='skip', rows=No
                         found = {seen + i + 1: why for i, why in reasons.items()}
                         if on_error == 'fail': raise BadRows(where, found)
                         bad.update(found)
+                    if id_column not in out.column_names: out = numbered(out, seen, n, reasons)   # no id: the row number
                     writer.write(out); seen += n; bar.update(n)
                     if plog: record_chunk(plog, f'score-{job_id}-{k}', served.version, scored); logged += out.num_rows
             if seen == 0: raise DataError(f"{where}: no rows")
