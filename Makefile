@@ -10,6 +10,8 @@ DATA    ?= data/creditcard.csv
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 export FRAUD_MLOPS_STORE ?= registry
+# Jupyter refuses to start as root (as in a container) unless told to
+LAB_AS_ROOT = $(if $(filter 0,$(shell id -u)),--allow-root)
 
 .PHONY: help install data train promote serve run test test-fast lint lint-tools lab bench bench-scale bench-quality demo-loop clean
 
@@ -79,7 +81,7 @@ demo-loop: data ## the loop on real data, checked: train on day 1, serve, replay
 	$(BIN)/python bench/demo_loop.py --data $(DATA)
 
 lab: install ## JupyterLab on nbs/ with the package installed in editable mode
-	$(BIN)/jupyter lab --notebook-dir=nbs
+	$(BIN)/jupyter lab --notebook-dir=nbs $(LAB_AS_ROOT)
 
 clean: ## remove the virtualenvs and generated outputs (keeps the registry, the data and the signing keys)
 	rm -rf $(VENV) .venv-lint runs build *.egg-info .pytest_cache
