@@ -35,7 +35,7 @@ def next_model(uri=None, current=None, seen_tag=None, threads=None, seen=None):
         return replace(prepare_model(model, manifest, threads), pointer=pointer, reference=load_reference(store, manifest),
                        explainer=explainer_or_why(model, manifest)), tag
     except LOAD_ERRORS as e:
-        e.tag = tag  # what the caller should not try again until the pointer changes
+        e.tag, e.version = tag, pointer['version']  # what the caller should not try again until the pointer changes, and what it names
         raise
 
 # %% ../nbs/05h_served_models.ipynb #2098a089
