@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['log', 'PERMANENT', 'THREAD_VARS', 'SINGLE_MAX_BODY', 'INLINE_ROWS', 'SWITCH_SECONDS', 'LOG_CLOSE_SECONDS', 'app',
-           'KEEP_ALIVE', 'Worker', 'check_champion', 'refresh', 'check_shadow', 'poll_champion', 'pin_threads',
-           'worker', 'not_ready', 'served', 'status', 'live', 'ready', 'model_manifest', 'metrics', 'reasons_of',
-           'shadowing', 'score_one', 'score_batch', 'answered_by', 'require_admin', 'reload', 'post_labels', 'lifespan',
-           'ServingAPI', 'create_app', 'serve']
+           'KEEP_ALIVE', 'Worker', 'failure_line', 'check_champion', 'refresh', 'check_shadow', 'poll_champion',
+           'pin_threads', 'worker', 'not_ready', 'served', 'status', 'live', 'ready', 'model_manifest', 'metrics',
+           'reasons_of', 'shadowing', 'score_one', 'score_batch', 'answered_by', 'require_admin', 'reload',
+           'post_labels', 'lifespan', 'ServingAPI', 'create_app', 'serve']
 
 # %% ../nbs/06d_serving.ipynb #48a1d302
 import asyncio, gc, hmac, logging, os, sys, time
@@ -33,11 +33,12 @@ from .signing import trusted_keys
 from .store import IntegrityError, StoreError, open_store, utcnow
 from .runtime import ServedModel, ServingError
 from .api import EXPLAIN_DOC, ERRORS, Batch, BatchPrediction, BadRequest, Error, Labels, LabelsAdded, Prediction, Ready, Reloaded, Status, Transaction
-from .api import body_doc, invalid_request, openapi, answer_directly, fast_paths, json_response
+from .api import invalid_request, answer_directly, fast_paths, json_response
 from .api import FastPathError  # noqa: F401  (raised by `fast_paths` when a worker starts; importable from here as before)
 from .api import LARGE_BODY, RequestGuard, explain_errors, header, read_body, release
 from .parsing import batch_json, explain_count, parse_request
-from .observability import CONTENT_TYPE, AccessLog, Telemetry, observe, open_prediction_log
+from .api_docs import add_docs, body_doc, openapi
+from .observability import CONTENT_TYPE, AccessLog, Repeats, Telemetry, observe, open_prediction_log, worker_log
 
 # %% ../nbs/06d_serving.ipynb #eb8a3438
 log = logging.getLogger('fraud_mlops.serving')
@@ -52,6 +53,7 @@ class Worker:
         self.tag = None       # pointer tag last acted on (served, or refused as a bad bundle)
         self.refused = None   # tag of the pointer last refused as a bad bundle, while it is the one seen
         self.failure = None   # the latest reload failure while it is the latest reload: {'at', 'error', 'serving'}
+        self.repeats = Repeats()  # when the same failure, found again by every poll, is worth another log line
         self.reload_lock = asyncio.Lock()
         self.parser = simdjson.Parser()  # small batches are parsed on the event loop, one at a time: one parser keeps its buffers
         self.large_parsers = [simdjson.Parser() for _ in range(cfg.large_batches)]  # one per large-batch slot: no large body waits for one
@@ -61,9 +63,18 @@ class Worker:
         self.shadow = self.shadow_tag = self.shadow_pointer = self.shadow_failure = None  # the challenger scored in the log, and its pointer
         self.front = self.poller = self.watcher = None  # set by the lifespan
 
-# %% ../nbs/06d_serving.ipynb #cc830f5e
+# %% ../nbs/06d_serving.ipynb #a4a578eb
 PERMANENT = (IntegrityError, ServingError)  # a bad bundle: not worth fetching again until the pointer changes
 
+def failure_line(e, serving):
+    "The line a failed check logs for error `e` while version `serving` (or None) serves: a refused version or pointer, or a failed read."
+    if isinstance(e, PERMANENT) and getattr(e, 'tag', None) is not None:  # a bad bundle or pointer, refused until the pointer changes
+        v = getattr(e, 'version', None)
+        what = f"refuses {f'version {v}' if v else 'the champion pointer'}{f', still serving version {serving}' if serving else ' and serves nothing'}"
+    else: what = f'reload failed, still serving version {serving}' if serving else 'is not ready'
+    return f'fraud-mlops {what}: {e}'
+
+# %% ../nbs/06d_serving.ipynb #cc830f5e
 async def check_champion(w, force=False):
     "Serve `w.store`'s champion if it changed (`force`: even if its tag was seen); return (reloaded, previous version)."
     async with w.reload_lock:
@@ -74,8 +85,8 @@ async def check_champion(w, force=False):
         except LOAD_ERRORS as e:
             if isinstance(e, PERMANENT) and getattr(e, 'tag', None) is not None: w.tag = w.refused = e.tag  # a bad bundle
             reloads['failed'] += 1
-            if w.failure is None or w.failure['error'] != str(e):  # one line per failure, not one per poll
-                log.warning('%s: %s', 'fraud-mlops is not ready' if old is None else f'reload failed, still serving version {old_version}', e)
+            if w.failure is None: w.repeats.clear()  # a new failure: logged, whatever the last one said
+            if (again := w.repeats.due(str(e))) is not None: log.warning('%s%s', failure_line(e, old_version), again)  # not one per poll
             w.failure = {'at': utcnow(), 'error': str(e), 'serving': old_version}
             if old is None: w.reason = str(e)
             raise
@@ -89,7 +100,8 @@ async def check_champion(w, force=False):
         w.served, w.tag, w.refused, w.reason, w.failure = new, tag, None, None, None
         if w.log is None: w.log = open_prediction_log(w.cfg)  # once the store holds a model (a missing folder stays missing till then)
         reloads['ok'] += 1
-        log.info('fraud-mlops now serves version %s (%s runtime; was %s)', new.version, new.runtime, old_version)
+        if old is None: log.info('fraud-mlops serves version %s (%s runtime) from %s', new.version, new.runtime, w.store)
+        else: log.info('fraud-mlops swaps to version %s (%s runtime) from version %s', new.version, new.runtime, old_version)
         return True, old_version
 
 # %% ../nbs/06d_serving.ipynb #ab680ff8
@@ -106,7 +118,7 @@ async def refresh(w, force=False, timeout=None):
 # %% ../nbs/06d_serving.ipynb #dcf1ee5d
 async def check_shadow(w):
     "Follow `w.store`'s shadow pointer: load the version it names or stop; True if the shadow changed. A failure never touches the champion."
-    if not w.cfg.prediction_log: return False
+    if not w.cfg.prediction_log or w.served is None: return False
     try: found = await asyncio.to_thread(next_shadow, w.store, w.shadow_tag, w.shadow_pointer, w.cfg.batch_threads)
     except LOAD_ERRORS as e:
         if isinstance(e, PERMANENT) and getattr(e, 'tag', None) is not None: w.shadow_tag, w.shadow = e.tag, None  # until it changes
@@ -293,7 +305,7 @@ async def post_labels(request: Request, w: Annotated[Worker, Depends(worker)]):
     try: body = await read_body(request.scope, request.receive, w.cfg.max_body_bytes, w.guard)  # the same time limit and slots
     except BadRequest as e: raise HTTPException(e.status, e.detail, e.headers) from None
     release(w.guard, len(body))
-    try: sent = Labels.model_validatejson_response(body or b'null').labels
+    try: sent = Labels.model_validate_json(body or b'null').labels
     except ValidationError as e: raise HTTPException(422, explain_errors([{**x, 'loc': ('body', *x['loc'])} for x in e.errors()])) from None
     records = [{'transaction_id': x.transaction_id, 'label': x.label, **({'label_time': x.label_time.isoformat()} if x.label_time else {})} for x in sent]
     try: return await asyncio.to_thread(lambda: add_labels(open_store(w.store, create=True), labels_from_records(records), 'api'))
@@ -311,14 +323,14 @@ async def lifespan(app):
     trusted_keys(cfg)  # a malformed FRAUD_MLOPS_PUBLIC_KEYS stops the start, never each load later
     w = Worker(cfg, [r.path for r in app.routes if '{' not in getattr(r, 'path', '{')])
     w.front = observe(answer_directly(table, partial(FastAPI.__call__, app), w), w.telemetry)
+    worker_log()  # what it serves, swaps and refuses reaches stderr (unless the application set up logging)
     if cfg.access_log:  # our JSON line replaces uvicorn's access log
         uv = logging.getLogger('uvicorn.access'); uv.handlers.clear(); uv.propagate = False
     pin_threads()
     gc.freeze()  # what the imports made (~200,000 objects) out of the collector's sight: a full collection, 100 ms, then ~0
     sys.setswitchinterval(SWITCH_SECONDS)  # the event loop waits at most this for the GIL when the log's writer holds it
     try: await refresh(w, force=True)
-    except LOAD_ERRORS: pass  # logged by the check
-    else: log.info('fraud-mlops serves version %s from %s', w.served.version, w.store)
+    except LOAD_ERRORS: pass  # logged by the check, as is what serves
     await check_shadow(w)   # a failing shadow is logged by the check, and serving starts regardless
     if cfg.poll_seconds > 0: w.poller = asyncio.create_task(poll_champion(w))
     w.watcher = asyncio.create_task(w.guard.watch())
@@ -341,7 +353,7 @@ class ServingAPI(FastAPI):
 # %% ../nbs/06d_serving.ipynb #e23ae398
 def create_app():
     "A new API: its route table, one-sentence validation errors, the OpenAPI schema, and the lifespan that fills `app.state`."
-    app = ServingAPI(title='fraud-mlops', version=__version__, lifespan=lifespan,
+    app = ServingAPI(title='fraud-mlops', version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,  # add_docs serves them
                      description='Credit-card fraud scores from the champion model of the registry.')
     app.get('/', response_model=Status)(status)
     app.get('/health/live')(live)
@@ -357,6 +369,7 @@ def create_app():
              responses={401: {'model': Error}, 403: {'model': Error}, 413: ERRORS[413], 422: ERRORS[422], 503: {'model': Error}})(post_labels)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.openapi = partial(openapi, app)
+    add_docs(app)  # Swagger UI and ReDoc with their files, after the routes the fast path checks
     app.state.worker = None  # until the lifespan makes it
     return app
 

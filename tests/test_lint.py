@@ -184,7 +184,7 @@ def test_the_api_reads_only_the_model_prefix_and_training_writes_it():
 
 # --- the load balancer: the public routes forwarded, 403 for everything else
 
-PUBLIC_PATTERNS = {'/', '/predict', '/predict/batch', '/health/*', '/docs', '/docs/*', '/openapi.json'}
+PUBLIC_PATTERNS = {'/', '/predict', '/predict/batch', '/health/*', '/docs', '/docs/*', '/redoc', '/openapi.json'}
 
 
 def forwarded_patterns(r):
@@ -218,10 +218,10 @@ def test_the_patterns_forward_exactly_the_public_routes_of_the_app():
     patterns = set().union(*forwarded_patterns(template()['Resources']).values())
     assert not any('[' in p for p in patterns)
     forwarded = {p for p in paths if any(fnmatchcase(p, pat) for pat in patterns)}
-    assert forwarded == {'/', '/predict', '/predict/batch', '/health/live', '/health/ready', '/docs', '/docs/oauth2-redirect',
-                         '/openapi.json'}
+    assert forwarded == {'/', '/predict', '/predict/batch', '/health/live', '/health/ready', '/docs', '/docs/assets', '/redoc',
+                         '/openapi.json'}   # /docs/assets: Swagger UI's and ReDoc's files (06c_api_docs), under /docs/*
     assert paths - forwarded >= {'/reload', '/model', '/metrics'}   # a new route is private until a rule names it
-    for private in ('/reload', '/model', '/metrics', '/labels', '/Predict', '/predict/batch/x', '/healthz', '/redoc'):
+    for private in ('/reload', '/model', '/metrics', '/labels', '/Predict', '/predict/batch/x', '/healthz', '/redoc/x', '/docsx'):
         assert not any(fnmatchcase(private, pat) for pat in patterns), private
 
 

@@ -1,5 +1,6 @@
 "Tests of the HTTP API (fraud_mlops.serving): contract, bad input, readiness, reload, and one real uvicorn server."
-import json, re
+import json, logging, re
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -360,6 +361,9 @@ def test_one_json_log_line_per_request(client, served_champion, monkeypatch):
                                                                               ('other', 404, None)]
     assert lines[0]['id'] == 'trace-7' and lines[1]['id'] == r.headers['x-request-id'] != 'trace-7'
     assert {'time', 'method', 'ms', 'pid'} <= set(lines[0]) and 'features' not in lines[0]  # no raw features by default
+    for l in lines:   # ISO 8601 in UTC to the microsecond, fixed width, and now
+        assert re.fullmatch(r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z', l['time']), l['time']
+        assert abs(datetime.fromisoformat(l['time']) - datetime.now(timezone.utc)).total_seconds() < 60
     telemetry.log_features = True  # what FRAUD_MLOPS_LOG_FEATURES=1 sets at start-up
     client.post('/predict', json={'features': EXAMPLE_FEATURES})
     assert json.loads(out.getvalue().splitlines()[-1])['features'] == EXAMPLE_FEATURES
@@ -551,3 +555,43 @@ def test_reload_answers_within_its_timeout_while_a_poll_is_stuck(served_champion
         deadline = time.monotonic() + 20
         while c.get('/health/ready').json()['model_version'] != v2 and time.monotonic() < deadline: time.sleep(0.05)
         assert c.get('/health/ready').json()['model_version'] == v2   # the checks went on, and serve the new champion
+
+
+# ---------------------------------------------------------------- what a worker says in its log
+
+def test_one_line_when_a_worker_serves_swaps_or_refuses(store, monkeypatch, model, data, save_as_champion, caplog):
+    "No champion: one warning, again only after a minute (polls in between say nothing); then one line to serve, one to swap, one to refuse."
+    from fraud_mlops.observability import Repeats
+    from fraud_mlops.serving import refresh
+    from fraud_mlops.store import NoChampion
+    monkeypatch.setenv('FRAUD_MLOPS_STORE', store.uri)
+    monkeypatch.setenv('FRAUD_MLOPS_POLL_SECONDS', '0')
+    with caplog.at_level(logging.INFO, logger='fraud_mlops'), TestClient(app) as c:
+        w, now = c.app.state.worker, [0.0]
+        w.repeats = Repeats(clock=lambda: now[0])
+        w.failure = None   # the start's check counted as the first: start over with the fake clock
+        for now[0] in (0, 10, 20, 30, 40, 50, 60, 70, 80):   # nine polls, ten seconds apart
+            with pytest.raises(NoChampion): c.portal.call(refresh, w)
+        v1 = save_as_champion(store, model, *data); c.portal.call(refresh, w); c.portal.call(refresh, w)
+        v2 = save_as_champion(store, model, *data); c.portal.call(refresh, w)
+        v3 = save_as_champion(store, model, *data)
+        f = store.root / 'versions' / v3 / 'model.joblib'; f.write_bytes(f.read_bytes()[:-50])
+        with pytest.raises(Exception, match='SHA-256'): c.portal.call(refresh, w)
+        for _ in range(3): assert c.portal.call(refresh, w) == (False, v2)   # refused once: its pointer is not fetched again
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == 'fraud_mlops.serving']
+    none_yet = f'fraud-mlops is not ready: store {store.uri} has no champion yet: train a model and promote it'
+    assert said[0] == ('WARNING', none_yet)   # the start's own check
+    assert said[1:3] == [('WARNING', none_yet), ('WARNING', none_yet + ' (still so after 1 min; seen 7 times)')], said
+    assert [level for level, _ in said[3:]] == ['INFO', 'INFO', 'WARNING'], said
+    assert said[3][1] == f'fraud-mlops serves version {v1} (sklearn-pipeline runtime) from {store.uri}'
+    assert said[4][1] == f'fraud-mlops swaps to version {v2} (sklearn-pipeline runtime) from version {v1}'
+    assert said[5][1].startswith(f'fraud-mlops refuses version {v3}, still serving version {v2}: ') and 'SHA-256' in said[5][1]
+
+
+def test_a_worker_started_on_a_champion_says_so_once(client, served_champion, store, caplog):
+    "Starting on a champion: one line naming the version and store; a poll that finds nothing new says nothing."
+    from fraud_mlops.serving import refresh
+    with caplog.at_level(logging.INFO, logger='fraud_mlops'), TestClient(app) as c:
+        c.portal.call(refresh, c.app.state.worker)
+    said = [r.getMessage() for r in caplog.records if r.name == 'fraud_mlops.serving']
+    assert said == [f'fraud-mlops serves version {served_champion} (sklearn-pipeline runtime) from {store.uri}'], said
