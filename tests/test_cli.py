@@ -48,7 +48,7 @@ def test_notify_failure_is_reported_and_the_promotion_stands(cli, store, add_can
 def test_history_floor_and_pruning_from_the_command_line(cli, store, add_candidate):
     weak = add_candidate(store, n_estimators=3, max_depth=1)
     r = cli('promote', '--store', store.root, '--min-f1', '0.999', '--no-notify', '--prune-rejected')
-    assert r.returncode == 0 and r.stdout.startswith(f'rejected: {weak}') and f'pruned 1 rejected version(s): {weak}' in r.stdout
+    assert r.returncode == 3 and r.stdout.startswith(f'rejected: {weak}') and f'pruned 1 rejected version(s): {weak}' in r.stdout
     good = add_candidate(store, n_estimators=30)
     assert cli('promote', '--store', store.root, '--no-notify').returncode == 0
     hist = cli('models', '--store', store.root, '--history').stdout.splitlines()
@@ -60,9 +60,9 @@ def test_history_floor_and_pruning_from_the_command_line(cli, store, add_candida
 
 def test_bad_input_is_2_and_a_bad_setting_names_its_variable(cli, tmp_path):
     r = cli('train', '--data', tmp_path/'missing.csv', '--store', tmp_path)
-    assert (r.returncode, r.stderr) == (2, f"error: {tmp_path/'missing.csv'}: no such file (run `fraud-mlops fetch-data` for the full dataset)\n")
+    assert (r.returncode, r.stderr) == (2, f"store: {tmp_path}\nerror: {tmp_path/'missing.csv'}: no such file (run `fraud-mlops fetch-data` for the full dataset)\n")
     r = cli('score', tmp_path/'in.csv', tmp_path/'out.csv', '--store', tmp_path, env={'FRAUD_MLOPS_CHUNK_ROWS': 'lots'})
-    assert (r.returncode, r.stderr) == (2, "error: FRAUD_MLOPS_CHUNK_ROWS='lots': expected a whole number, 1 or more\n")
+    assert (r.returncode, r.stderr) == (2, f"store: {tmp_path}\nerror: FRAUD_MLOPS_CHUNK_ROWS='lots': expected a whole number, 1 or more\n")
     r = cli('train', '--data', resolve_path(CI_SUBSET), '--store', tmp_path, env={'FRAUD_MLOPS_TRAIN_NOTEBOOK': str(tmp_path/'nope.ipynb')})
     assert r.returncode == 2 and 'set FRAUD_MLOPS_TRAIN_NOTEBOOK' in r.stderr
 
@@ -104,10 +104,10 @@ def test_make_help_lists_every_documented_target():
 
 def test_monitor_without_a_log_says_so_and_no_condition_holds(cli, store):
     r = cli('monitor', '--store', store.root, '--fail-on', 'recall<0.99,psi>0')
-    assert (r.returncode, r.stdout, r.stderr) == (0, f'no predictions logged in {store.root} yet\n', '')
+    assert (r.returncode, r.stdout, r.stderr) == (0, f'no predictions logged in {store.root} yet\n', f'store: {store.root}\n')
     r = cli('monitor', '--store', store.root, '--json', '--since', '2026-12-01')
     assert r.returncode == 0 and json.loads(r.stdout)['rows'] == 0
-    assert r.stderr == f'no predictions logged in {store.root} yet (since 2026-12-01T00:00:00+00:00)\n'
+    assert r.stderr == f'store: {store.root}\nno predictions logged in {store.root} yet (since 2026-12-01T00:00:00+00:00)\n'
     r = cli('monitor', '--store', store.root, '--fail-on', 'recall<<0.5')
     assert r.returncode == 2 and "bad operator '<<'" in r.stderr
     r = cli('monitor', '--store', store.root, '--until', '2026-12-01T25:00')
@@ -132,7 +132,7 @@ def test_labels_monitor_and_export_as_a_user_runs_them(cli, store, ci_df, tmp_pa
     s = json.loads(cli('monitor', '--store', store.root, '--json').stdout)
     assert (s['rows'], s['labels'], s['versions'][0]['labelled']) == (1000, {'total': 401, 'matched': 400, 'unmatched': 1}, 400)
     r = cli('monitor', '--store', store.root, '--fail-on', 'coverage<0.5')
-    assert r.returncode == 3 and r.stderr == 'error: --fail-on held: coverage<0.5 (coverage 0.4, version v1)\n'
+    assert r.returncode == 3 and r.stderr == f'store: {store.root}\nerror: --fail-on held: coverage<0.5 (coverage 0.4, version v1)\n'
     assert r.stdout.startswith(f'{store.root}: 1,000 logged predictions')
     held = json.loads(cli('monitor', '--store', store.root, '--json', '--fail-on', 'coverage<0.5').stdout)['held']
     assert held == [{'condition': 'coverage<0.5', 'metric': 'coverage', 'value': 0.4, 'version': 'v1', 'feature': None, 'count': 1}]
@@ -162,7 +162,7 @@ def test_the_weekly_loop_score_log_labels_monitor_export_train(cli, store, champ
     r = cli('labels', 'add', tmp_path/'labels.csv', '--store', store.root)
     assert r.returncode == 0 and '1,500 match logged predictions, 0 do not (yet)' in r.stdout
     r = cli('monitor', '--store', store.root, '--fail-on', 'coverage<0.9')
-    assert r.returncode == 3 and r.stderr == f'error: --fail-on held: coverage<0.9 (coverage 0.5, version {champion})\n'
+    assert r.returncode == 3 and r.stderr.endswith(f'\nerror: --fail-on held: coverage<0.9 (coverage 0.5, version {champion})\n')
     ci_df.iloc[3000:].to_csv(tmp_path/'original.csv', index=False)
     r = cli('export-training-data', tmp_path/'train.csv', '--store', store.root, '--append-to', tmp_path/'original.csv')
     assert r.returncode == 0, r.stderr
@@ -170,4 +170,101 @@ def test_the_weekly_loop_score_log_labels_monitor_export_train(cli, store, champ
     pd.testing.assert_frame_equal(exported, pd.concat([ci_df.iloc[3000:], ci_df.iloc[:1500]], ignore_index=True), check_exact=False, rtol=1e-15)
     r = cli('train', '--data', tmp_path/'train.csv', '--store', store.root, '--output', tmp_path/'t.ipynb', '-p', 'n_estimators', '20',
             '-p', 'compare_with', '', '-p', 'random_split_report', 'False', '-p', 'n_boot', '100', '-p', 'folds', '2')
-    assert r.returncode == 0 and r.stdout.splitlines()[-1].startswith('candidate '), r.stderr[-3000:]
+    assert r.returncode == 0 and r.stdout.splitlines()[-2].startswith('candidate '), r.stderr[-3000:]
+
+
+def test_version_and_no_command_print_what_there_is(cli):
+    from fraud_mlops import __version__
+    r = cli('--version')
+    assert (r.returncode, r.stdout) == (0, f'fraud-mlops {__version__}\n')
+    r = cli()
+    assert r.returncode == 2 and r.stdout.startswith('usage: fraud-mlops') and 'error' not in r.stderr
+    assert all(c in r.stdout for c in ('train', 'promote', 'models', 'report', 'score', 'serve'))
+
+
+@pytest.mark.parametrize('command', ['fetch-data', 'train', 'promote', 'rollback', 'shadow', 'models', 'report', 'keys', 'deploy',
+                                     'score', 'labels add', 'monitor', 'export-training-data', 'serve'])
+def test_every_commands_help_has_a_description_defaults_and_an_example(cli, command):
+    r = cli(*command.split(), '--help')
+    assert r.returncode == 0, r.stderr
+    usage, description = r.stdout.split('\n\n')[:2]
+    assert usage.startswith(f'usage: fraud-mlops {command}') and description[0].isupper() and description.rstrip().endswith('.')
+    assert '\nexample' in r.stdout and f'  fraud-mlops {command}' in r.stdout.split('\nexample', 1)[1]
+    options = r.stdout.split('options:', 1)[1].split('\nexample', 1)[0]
+    for entry in options.split('\n  -')[1:]:            # each option taking a value states its default
+        flag = entry.split()[0].strip(',')
+        if any(f in entry.split('\n')[0] for f in ('-h', '--help')) or entry.split('\n')[0].strip() == flag or ' ' not in entry.split('  ')[0].strip():
+            continue                                     # on/off flags and --help take no value
+        assert 'default' in ' '.join(entry.split()), (command, entry)
+    if command == 'promote':
+        assert all(s in ' '.join(r.stdout.split()) for s in ('0 promoted', '3 not promoted', '2 bad input', '4 the store'))
+
+
+def test_promote_exit_codes_are_distinct(cli, store, add_candidate):
+    a = add_candidate(store)
+    r = cli('promote', '--store', store.root, '--no-notify', '--min-f1', '0.999')
+    assert (r.returncode, r.stdout.split(':')[0]) == (3, 'rejected')                       # rejected: 3, the champion stays
+    r = cli('promote', '--store', store.root, '--no-notify', '--version', a, '--dry-run')
+    assert (r.returncode, r.stdout.split(':')[0]) == (0, 'promoted')                       # a dry run exits with its decision
+    r = cli('promote', '--store', store.root, '--no-notify', '--version', a)
+    assert (r.returncode, r.stdout.split(':')[0]) == (0, 'promoted')                       # promoted: 0
+    r = cli('promote', '--store', store.root, '--evidence', 'live', '--min-f1', '0.5')
+    assert r.returncode == 2 and 'go with --evidence offline' in r.stderr                   # bad input: 2
+    r = cli('promote', '--store', store.root, '--no-notify')
+    assert r.returncode == 4 and 'no undecided candidate' in r.stderr                       # the store: 4
+
+
+def test_rollback_to_a_version_never_champion_needs_force(cli, store, add_candidate):
+    a, b, never = add_candidate(store), add_candidate(store), add_candidate(store)
+    for v in (a, b): assert cli('promote', '--store', store.root, '--version', v, '--no-notify', '--min-gain', '-1').returncode == 0
+    before = (store.root/'champion.json').read_bytes()
+    r = cli('rollback', '--to', never, '--store', store.root, '--no-notify')
+    assert r.returncode == 2 and f'error: version {never} was never champion' in r.stderr and 'pass --force' in r.stderr
+    assert (store.root/'champion.json').read_bytes() == before
+    r = cli('rollback', '--to', never, '--force', '--store', store.root, '--no-notify')
+    assert r.returncode == 0 and '(forced: never champion before)' in r.stdout
+    assert cli('rollback', '--to', a, '--store', store.root, '--no-notify').returncode == 0   # a served before: no --force
+
+
+def test_models_fits_100_columns_with_kind_and_report_and_wide_shows_everything(cli, store, add_candidate, tmp_path):
+    import nbformat
+    from fraud_mlops.reports import save_report
+    lgbm, forest = add_candidate(store), add_candidate(store, model='lgbm_rf')
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell('# card')]), tmp_path/'run.ipynb')
+    where = save_report(store, lgbm, tmp_path/'run.ipynb')
+    out = cli('models', '--store', store.root).stdout
+    assert max(len(line) for line in out.splitlines()) <= 100, out
+    header, *rows = out.splitlines()
+    assert header.split()[:4] == ['version', 'status', 'kind', 'f1'] and 'report' in header.split()
+    assert rows[0].split()[:3] == [lgbm, 'candidate', 'lgbm'] and 'report.html' in rows[0]
+    assert rows[1].split()[:3] == [forest, 'candidate', 'lgbm_rf'] and 'report.html' not in rows[1]
+    wide = cli('models', '--store', store.root, '--wide').stdout
+    assert where in wide and all(c in wide.splitlines()[0] for c in ('created_at', 'train_rows', 'threshold', 'auprc', 'signature'))
+
+
+def test_score_without_an_id_column_keeps_1_based_row_numbers(cli, store, champion, ci_df, tmp_path):
+    import pandas as pd
+    rows = ci_df.iloc[:50].drop(columns='Class').astype({'V3': object})
+    rows.loc[4, 'V3'] = 'oops'                           # data row 5 is bad and skipped
+    rows.to_csv(tmp_path/'in.csv', index=False)
+    r = cli('score', tmp_path/'in.csv', tmp_path/'out.csv', '--store', store.root)
+    assert r.returncode == 0, r.stderr
+    out = pd.read_csv(tmp_path/'out.csv')
+    assert list(out.columns)[:2] == ['row', 'fraud_probability'] and out.row.tolist() == [i for i in range(1, 51) if i != 5]
+    assert pd.read_csv(tmp_path/'out.csv.bad_rows.csv').row.tolist() == [5]   # the same numbering as the bad-rows file
+
+
+def test_every_command_using_a_store_says_its_absolute_store(cli, store, tmp_path):
+    "One line on stderr, first, even when the command then fails; a relative store is shown resolved (as `store_uri` resolves it)."
+    from fraud_mlops.store import store_uri
+    for args in (('models',), ('models', '--history'), ('shadow',), ('monitor',), ('promote', '--no-notify'), ('rollback', '--no-notify'),
+                 ('report', '20200101T000000.000Z-abcdef'), ('export-training-data', 'x.csv'), ('score', 'in.csv', 'out.csv'),
+                 ('labels', 'add', 'l.csv'), ('train', '--data', 'missing.csv')):
+        r = cli(*args, '--store', store.root, cwd=tmp_path)
+        assert r.stderr.splitlines()[0] == f'store: {store.root}', (args, r.stderr)
+    r = cli('models', cwd=tmp_path, env={'FRAUD_MLOPS_STORE': str(store.root)})
+    assert r.stderr == f'store: {store.root}\n'
+    r = cli('models', '--store', 'not-here/registry', cwd=tmp_path)
+    shown = r.stderr.splitlines()[0].removeprefix('store: ')
+    assert Path(shown).is_absolute() and shown == store_uri('not-here/registry') and r.returncode == 4
+    assert 'store:' not in cli('keys').stderr             # no store, no line

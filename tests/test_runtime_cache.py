@@ -34,7 +34,7 @@ def test_output_is_the_same_bits_without_the_cache_on_its_first_run_and_from_it(
     for run, folder in (('off', 'off'), ('cold', cache), ('warm', cache)):
         r = cli('score', ci_csv, tmp_path/f'{run}.parquet', '--store', store.root, '--chunk-rows', '3000',
                 env={'FRAUD_MLOPS_CACHE_DIR': str(folder)})
-        assert r.returncode == 0 and r.stderr == '', r.stderr
+        assert r.returncode == 0 and r.stderr == f'store: {store.root}\n', r.stderr
         out[run] = (tmp_path/f'{run}.parquet').read_bytes()
         if run == 'cold': entries = sorted(p.name for p in cache.iterdir()) if cache.exists() else []
     assert out['off'] == out['cold'] == out['warm']

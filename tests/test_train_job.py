@@ -74,7 +74,8 @@ def test_fraud_mlops_train_reads_the_jobs_result_file_not_its_printout(cli, tmp_
     version, = list_versions(open_store(store))
     result = json.loads(out.with_suffix('.json').read_text())
     assert result == {'version': version, 'store': str(store), 'manifest': f'versions/{version}/manifest.json'}
-    assert r.stdout.splitlines()[-1].startswith(f'candidate {version} (report: {out})')   # its last line
+    assert r.stdout.splitlines()[-2:] == [f'candidate {version} (executed notebook {out})',     # its last lines: the version
+                                          f'report {store}/versions/{version}/report.html']    # and its report
 
 
 @pytest.mark.slow
