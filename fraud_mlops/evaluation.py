@@ -6,7 +6,7 @@
 __all__ = ['POLICIES', 'PLATEAU', 'CALIBRATION_EDGES', 'threshold_table', 'f1_curve', 'plateau_threshold', 'budget_threshold',
            'choose_threshold', 'best_f1_threshold', 'classification_metrics', 'money_view', 'budget_precision',
            'bootstrap_intervals', 'rolling_folds', 'mean_std', 'plot_pr_curve', 'plot_threshold_curves',
-           'plot_confusion', 'plot_calibration']
+           'plot_confusion', 'plot_calibration', 'targets', 'model_card']
 
 # %% ../nbs/02b_evaluation.ipynb #1bb16b27
 import numpy as np
@@ -170,19 +170,23 @@ def mean_std(rows, keys):
             'std': {k: float(np.std(v)) if v else None for k, v in vals.items()}}
 
 # %% ../nbs/02b_evaluation.ipynb #d047de30
-def plot_pr_curve(y, p, threshold=None, ax=None, label=None):
-    "Plot the precision-recall curve of `p`, marking `threshold`; return the axes."
+def plot_pr_curve(y, p, threshold=None, ax=None, label=None, zoom=False):
+    "Plot the precision-recall curve of `p`, marking `threshold`; `zoom`: only the region around it. Return the axes."
     import matplotlib.pyplot as plt
     y, p = _check(y, p)
-    ax = ax or plt.subplots(figsize=(5, 4))[1]
+    ax = ax or plt.subplots(figsize=(6, 4.5))[1]
     t, tp, fp = threshold_table(y, p)
     ax.step(np.r_[0, tp / y.sum()], np.r_[1, tp / (tp + fp)], where='pre',
             label=f"{label or 'model'}: AUPRC {average_precision_score(y, p):.3f}")
+    ax.set(xlabel='recall (share of frauds caught)', ylabel='precision (share of alerts that are fraud)', xlim=(0, 1.01), ylim=(0, 1.01),
+           title='Precision-recall')
     if threshold is not None:
         m = classification_metrics(y, p, threshold)
-        ax.plot(m['recall'], m['precision'], 'o', color=ax.lines[-1].get_color(), label=f"threshold {threshold:.3f}: F1 {m['f1']:.3f}")
-    ax.set(xlabel='recall', ylabel='precision', xlim=(0, 1.01), ylim=(0, 1.01), title='Precision-recall')
-    ax.legend(loc='lower left', fontsize='small')
+        ax.plot(m['recall'], m['precision'], 'o', ms=8, color='tab:red',
+                label=f"threshold {threshold:.3f}: precision {m['precision']:.3f}, recall {m['recall']:.3f}, F1 {m['f1']:.3f}")
+        if zoom: ax.set(xlim=(max(0, m['recall'] - .25), 1.005), ylim=(max(0, m['precision'] - .25), 1.005),
+                        title='Precision-recall around the threshold')
+    ax.grid(alpha=.3); ax.legend(loc='lower left', fontsize='small')
     return ax
 
 # %% ../nbs/02b_evaluation.ipynb #18203c3d
@@ -199,12 +203,16 @@ def plot_threshold_curves(y, p, threshold=None, ax=None):
 
 # %% ../nbs/02b_evaluation.ipynb #f22dcee5
 def plot_confusion(metrics, ax=None):
-    "Show the confusion matrix held in `metrics` (from `classification_metrics`); return the axes."
+    "The confusion matrix in `metrics` (from `classification_metrics`): each cell's count and its share of the actual class, coloured by that share; return the axes."
     import matplotlib.pyplot as plt
-    ax = ax or plt.subplots(figsize=(3.5, 3))[1]
+    ax = ax or plt.subplots(figsize=(5, 4))[1]
     cm = np.array([[metrics['tn'], metrics['fp']], [metrics['fn'], metrics['tp']]])
-    ax.imshow(np.log1p(cm), cmap='Blues')
-    for (i, j), v in np.ndenumerate(cm): ax.text(j, i, f'{v:,}', ha='center', va='center')
+    share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    ax.imshow(share, cmap='Blues', vmin=0, vmax=1)
+    what = [['passed', 'false alarms'], ['missed', 'caught']]
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, f'{v:,} {what[i][j]}\n{share[i, j]:.1%} of {VERDICTS[i]}', ha='center', va='center', fontsize=11,
+                color='white' if share[i, j] > .5 else 'black')
     ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=VERDICTS, yticklabels=VERDICTS,
            xlabel='predicted', ylabel='actual', title=f"threshold {metrics['threshold']:.3f}")
     return ax
@@ -225,3 +233,65 @@ def plot_calibration(y, p, ax=None, label=None, edges=CALIBRATION_EDGES):
     ax.set(xlim=(0, 1.05), ylim=(0, 1.05), xlabel='mean predicted P(fraud)', ylabel='observed fraud rate', title='Calibration')
     ax.legend(fontsize='small')
     return ax
+
+# %% ../nbs/02b_evaluation.ipynb #92d9954c
+def targets(comparison, peak_mb, max_memory_mb=2048):
+    "The targets as {target, value, goal, met} rows: AUPRC and F1 at least the seed's recipe's (`comparison` records, candidate first), peak memory."
+    ours = comparison[0]
+    seed = next((r for r in comparison if r['model'].startswith('seed_rf')), None)
+    rows = [{'target': f"{name} at least the seed's recipe's (mean over the same windows)", 'value': ours[k],
+             'goal': seed and seed[k], 'met': None if seed is None else bool(ours[k] >= seed[k])} for k, name in (('auprc', 'AUPRC'), ('f1', 'F1'))]
+    return rows + [{'target': 'peak memory of training', 'value': float(peak_mb), 'goal': float(max_memory_mb), 'unit': 'MB',
+                    'met': bool(peak_mb <= max_memory_mb)}]
+
+# %% ../nbs/02b_evaluation.ipynb #c24a1c07
+def _num(v, f='.3f'): return '–' if v is None else format(v, f)
+
+def _rule(rule):
+    extra = ', '.join(f"{k.replace('_', ' ')} {v}" for k, v in rule.items() if k != 'policy')
+    return f"policy `{rule['policy']}`" + (f" ({extra})" if extra else '')
+
+def model_card(manifest, targets, champion=None, currency='EUR'):
+    "The model card of saved version `manifest` as Markdown: what, on which data, how measured, against the seed and `champion`, money, targets (MISSED)."
+    m, ci, d, pr, mv = (manifest['metrics']['test'], manifest['intervals'].get('test', {}), manifest['data'], manifest['protocol'],
+                        manifest['money'])
+    mean, std, cur = manifest['rolling'].get('mean', {}), manifest['rolling'].get('std', {}), lambda v: f'{currency} {v:,.2f}'
+    missed = [t['target'] for t in targets if t['met'] is False]
+    out = [f"# Model card: `{manifest['version']}`",
+           f"**{'MISSED: ' + '; '.join(missed) if missed else 'Every measured target met.'}** A candidate `{manifest['model_kind']}`"
+           f" model: it serves nothing until `fraud-mlops promote` makes it the champion.", '', '| | |', '|---|---|',
+           f"| Version | `{manifest['version']}`, trained {manifest.get('created_at', '')} |",
+           f"| Model | `{manifest['model_kind']}`, fitted on all {d['rows']:,} rows ({manifest.get('fit_on_legit_fraction', 1):.0%} of legitimate ones, re-weighted) |",
+           f"| Data | `{d['path'].rsplit('/', 1)[-1]}`: {d['rows']:,} rows, {d['frauds']:,} frauds ({d['frauds'] / d['rows']:.2%}); SHA-256 `{d['sha256']}` |",
+           f"| Protocol | `{pr['name']}`: threshold chosen on {pr['threshold_chosen_on']}; measured on {pr['evaluated_on']} ({m['rows']:,} rows, {m['frauds']:,} frauds) |",
+           f"| Threshold | {manifest['threshold']:.4f}, {_rule(manifest['decision_rule'])} |", '',
+           f"## Headline: {m['rows']:,} later rows the model never saw", '',
+           f"| | value | 95% interval ({pr['intervals']}) | mean ± std over the windows |", '|---|---|---|---|']
+    for k, name in (('f1', 'F1'), ('precision', 'precision'), ('recall', 'recall'), ('auprc', 'AUPRC')):
+        lo, hi = ci.get(k, (None, None))
+        out.append(f"| {name} | **{m[k]:.3f}** | {_num(lo)} – {_num(hi)} | {_num(mean.get(k))} ± {_num(std.get(k))} |")
+    if mean.get('budget_precision') is not None:
+        out.append(f"| precision at {manifest['params'].get('alerts_per_day', 100)} alerts a day | | | {_num(mean['budget_precision'])} ± {_num(std['budget_precision'])} |")
+    out += ['', '## Against the seed\'s recipe and the champion', '', '| | AUPRC | F1 | precision | recall | fit time, s |', '|---|---|---|---|---|---|']
+    out += [f"| {r['model']} | {_num(r.get('auprc'))} | {_num(r.get('f1'))} | {_num(r.get('precision'))} | {_num(r.get('recall'))} | {_num(r.get('seconds'), '.1f')} |"
+            for r in manifest['comparison']]
+    out += ['', 'Means over the same rolling windows (the holdout split under the holdout protocol).' if manifest['comparison'] else
+            'No other model was measured (`compare_with` was empty).']
+    if champion is None: out.append('No champion in the store yet: `fraud-mlops promote` would make this version the first.')
+    elif 'error' in champion: out.append(f"The champion could not be read: {champion['error']}")
+    else:
+        c = champion['metrics']
+        out.append(f"Champion `{champion['version']}` (`{champion['model_kind']}`) on the same {m['rows']:,} rows: F1 {c['f1']:.3f} "
+                   f"(this candidate {m['f1']:.3f}), precision {c['precision']:.3f}, recall {c['recall']:.3f}, AUPRC {c['auprc']:.3f}"
+                   + ('; it was trained on the same file, so it has seen these rows and its figures flatter it' if champion.get('same_data') else '')
+                   + '. `fraud-mlops promote` decides, with a paired bootstrap.')
+    out += ['', f"## Money, on the same rows ({currency})", '', '| | |', '|---|---|',
+            f"| fraud caught | {cur(mv['fraud_amount_caught'])} of {cur(mv['fraud_amount_caught'] + mv['fraud_amount_missed'])} |",
+            f"| fraud missed | {cur(mv['fraud_amount_missed'])} |",
+            f"| alerts to review | {mv['alerts']:,} at {cur(mv['review_fee'])} each: {cur(mv['review_cost'])} |",
+            f"| total cost (missed + reviews) | **{cur(mv['total_cost'])}** |", '',
+            '## Targets', '', '| target | value | goal | |', '|---|---|---|---|']
+    f = lambda t, v: f"{v:,.0f} {t['unit']}" if t.get('unit') and v is not None else _num(v)   # MB as whole numbers
+    out += [f"| {t['target']} | {f(t, t['value'])} | {f(t, t['goal'])} | {'met' if t['met'] else 'not measured' if t['met'] is None else '**MISSED**'} |"
+            for t in targets]
+    return '\n'.join(out)
