@@ -6,8 +6,7 @@
 __all__ = ['MIN_FRAUDS', 'SUMMARY', 'MIN_TRAIN_FRAUDS', 'PROTOCOLS', 'ROW', 'TrainingResult', 'in_parallel', 'out_of_fold',
            'span_days', 'fit_recipe', 'holdout_threshold', 'evaluate_fold', 'rolling_evaluation', 'seed_recipe',
            'compare_on_folds', 'train_candidate', 'write_partitions', 'remove_partitions', 'fit_model_dask',
-           'result_row', 'reference_row', 'search_lgbm', 'library_versions', 'peak_memory_mb', 'build_manifest',
-           'target_report']
+           'result_row', 'reference_row', 'search_lgbm', 'library_versions', 'peak_memory_mb', 'build_manifest']
 
 # %% ../nbs/02e_training.ipynb #0599df54
 import platform, resource, time
@@ -260,7 +259,9 @@ def fit_model_dask(model, X, y, legit_fraction=1.0, random_state=42, client=None
     "Fit LightGBM pipeline `model` with `lightgbm.dask` on `client`'s workers from Parquet partitions of (X, y); return a plain pipeline."
     import secrets, tempfile
     import dask.dataframe as dd
+    from distributed import default_client
     from lightgbm.dask import DaskLGBMClassifier
+    from fraud_mlops.cluster import quiet_lightgbm
     from sklearn.pipeline import Pipeline
     est = model.steps[-1][1]
     if type(est).__name__ != 'LGBMClassifier': raise ValueError("the Dask engine trains LightGBM: use model='lgbm'")
@@ -277,7 +278,8 @@ def fit_model_dask(model, X, y, legit_fraction=1.0, random_state=42, client=None
         lengths = tuple(rows.map_partitions(len).compute())           # one pass, so the arrays know their chunks
         Xd, yd, wd = (rows[c].to_dask_array(lengths=lengths) for c in (names, TARGET, 'weight'))
         params = {k: v for k, v in est.get_params().items() if k != 'n_jobs'}   # each worker uses its own threads
-        dist = DaskLGBMClassifier(client=client, **params).fit(Xd, yd, sample_weight=wd)
+        with quiet_lightgbm(client or default_client()):   # ports, ranks, retries: no news in a report (02d_cluster)
+            dist = DaskLGBMClassifier(client=client, **params).fit(Xd, yd, sample_weight=wd)
     finally: remove_partitions(where, filesystem)   # written for this fit only: never left behind
     return Pipeline([('features', FraudFeatures()), ('model', dist.to_local())])
 
@@ -362,15 +364,3 @@ def build_manifest(result, data_path, data_sha256, rows, frauds, params, compari
             'intervals': result.intervals, 'rolling': result.rolling, 'money': result.money, 'comparison': comparison or [],
             'training_seconds': round(result.seconds, 2), 'final_fit_seconds': round(result.fit_seconds, 2),
             'libraries': library_versions()}
-
-# %% ../nbs/02e_training.ipynb #fe1c2004
-def target_report(result, comparison, train_peak_mb):
-    "Print the quality targets against the seed's recipe on the same folds, and the training time and memory."
-    print(f"candidate {result.kind}: trained in {result.seconds:.1f} s, peak memory {train_peak_mb:.0f} MB (target <= 2048 MB)")
-    seed = [n for n in comparison.index if n.startswith('seed_rf')]
-    if not seed: return print('seed reference not measured (compare_with has no seed_rf)')
-    ours, ref = comparison.iloc[0], comparison.loc[seed[0]]
-    for k in ('auprc', 'f1'):
-        print(f"{k:6}: candidate {ours[k]:.3f} vs seed's recipe {ref[k]:.3f} (mean over the same windows): "
-              f"{'at least the seed' if ours[k] >= ref[k] else 'BELOW the seed: target missed'}")
-    print(f"time: the candidate's whole recipe {ours['seconds']:.1f} s; the seed's recipe on the same folds {ref['seconds']:.1f} s")
