@@ -355,17 +355,18 @@ def create_app():
     "A new API: its route table, one-sentence validation errors, the OpenAPI schema, and the lifespan that fills `app.state`."
     app = ServingAPI(title='fraud-mlops', version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,  # add_docs serves them
                      description='Credit-card fraud scores from the champion model of the registry.')
-    app.get('/', response_model=Status)(status)
-    app.get('/health/live')(live)
-    app.get('/health/ready', response_model=Ready, responses={503: ERRORS[503]})(ready)
-    app.get('/model', responses={503: ERRORS[503]})(model_manifest)
-    app.get('/metrics', response_class=Response, responses={200: {'content': {'text/plain': {}}}})(metrics)
-    app.post('/predict', response_model=Prediction, responses=ERRORS, openapi_extra={**body_doc(Transaction), **EXPLAIN_DOC})(answered_by(score_one, 'predict'))
-    app.post('/predict/batch', response_model=BatchPrediction, responses=ERRORS, openapi_extra={**body_doc(Batch), **EXPLAIN_DOC})(
+    app.get('/', response_model=Status, tags=['status'])(status)
+    app.get('/health/live', tags=['status'])(live)
+    app.get('/health/ready', response_model=Ready, responses={503: ERRORS[503]}, tags=['status'])(ready)
+    app.get('/model', responses={503: ERRORS[503]}, tags=['status'])(model_manifest)
+    app.get('/metrics', response_class=Response, responses={200: {'content': {'text/plain': {}}}}, tags=['status'])(metrics)
+    app.post('/predict', response_model=Prediction, responses=ERRORS, openapi_extra={**body_doc(Transaction), **EXPLAIN_DOC}, tags=['scoring'])(
+        answered_by(score_one, 'predict'))
+    app.post('/predict/batch', response_model=BatchPrediction, responses=ERRORS, openapi_extra={**body_doc(Batch), **EXPLAIN_DOC}, tags=['scoring'])(
         answered_by(score_batch, 'predict_batch'))
-    app.post('/reload', response_model=Reloaded, dependencies=[Depends(require_admin)],
+    app.post('/reload', response_model=Reloaded, dependencies=[Depends(require_admin)], tags=['admin'],
              responses={401: {'model': Error}, 403: {'model': Error}, 503: ERRORS[503]})(reload)
-    app.post('/labels', response_model=LabelsAdded, dependencies=[Depends(require_admin)], openapi_extra=body_doc(Labels),
+    app.post('/labels', response_model=LabelsAdded, dependencies=[Depends(require_admin)], openapi_extra=body_doc(Labels), tags=['admin'],
              responses={401: {'model': Error}, 403: {'model': Error}, 413: ERRORS[413], 422: ERRORS[422], 503: {'model': Error}})(post_labels)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.openapi = partial(openapi, app)
