@@ -293,7 +293,7 @@ async def post_labels(request: Request, w: Annotated[Worker, Depends(worker)]):
     try: body = await read_body(request.scope, request.receive, w.cfg.max_body_bytes, w.guard)  # the same time limit and slots
     except BadRequest as e: raise HTTPException(e.status, e.detail, e.headers) from None
     release(w.guard, len(body))
-    try: sent = Labels.model_validatejson_response(body or b'null').labels
+    try: sent = Labels.model_validate_json(body or b'null').labels
     except ValidationError as e: raise HTTPException(422, explain_errors([{**x, 'loc': ('body', *x['loc'])} for x in e.errors()])) from None
     records = [{'transaction_id': x.transaction_id, 'label': x.label, **({'label_time': x.label_time.isoformat()} if x.label_time else {})} for x in sent]
     try: return await asyncio.to_thread(lambda: add_labels(open_store(w.store, create=True), labels_from_records(records), 'api'))
