@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
-from fraud_mlops.data import DAY, FEATURES, FULL_DATA, TARGET, load_transactions, resolve_path
+from fraud_mlops.data import DAY, FEATURES, TARGET, load_transactions
 from fraud_mlops.features import is_fraud
 from fraud_mlops.labels import add_labels
 from fraud_mlops.live import promote_live
@@ -27,9 +27,9 @@ WEAK = {'n_estimators': 5, 'num_leaves': 2}        # five stumps: clearly worse 
 
 
 @pytest.fixture(scope='module')
-def later_day():
+def later_day(fetched):
     "(frame, ids) of the replayed day: every fraud and a seeded eighth of the legitimate rows of the full data's second day, in time order."
-    full = load_transactions(resolve_path(FULL_DATA))
+    full = load_transactions(fetched)     # the full data, fetched as `fraud-mlops fetch-data` does (a clean clone has no copy)
     day = full[full.Time >= DAY]
     day = day[(day[TARGET] == 1) | (np.random.default_rng(0).random(len(day)) < 1 / 8)].sort_values('Time', kind='stable').reset_index(drop=True)
     return day, np.array([f'live-{i:06d}' for i in range(len(day))], dtype=object)

@@ -307,7 +307,7 @@ def test_tampered_bundles_are_refused_by_promotion_and_by_the_api(cli, example_r
     assert not marker.exists()
 
 
-def test_one_promotion_makes_thirteen_requests(s3_uri, parts, weak, good):
+def test_one_promotion_makes_fourteen_requests(s3_uri, parts, weak, good):
     store = open_store(s3_uri, create=True)
     champ = bundle(store, weak, parts); promote(store, notify=False)
     cand = bundle(store, good, parts)
@@ -320,7 +320,8 @@ def test_one_promotion_makes_thirteen_requests(s3_uri, parts, weak, good):
                    ('GetObject', c + 'manifest.json', {}), ('GetObject', c + 'model.joblib', {}), ('GetObject', c + 'eval.npz', {}),
                    ('GetObject', k + 'manifest.json', {}), ('GetObject', k + 'model.joblib', {}), ('GetObject', k + 'eval.npz', {}),
                    ('GetObject', c + 'manifest.json', {}), ('HeadObject', pointer['decision_log'], {}),
-                   ('PutObject', 'champion.json', {'IfMatch': tag}), ('PutObject', d['log'], {'IfNoneMatch': '*'})]
+                   ('PutObject', 'champion.json', {'IfMatch': tag}), ('PutObject', d['log'], {'IfNoneMatch': '*'}),
+                   ('GetObject', 'shadow.json', {})]            # a promoted version running in shadow would end its shadow run
     print(f'one promotion against the moto server: {len(log)} requests, {seconds * 1000:.0f} ms')
 
 
