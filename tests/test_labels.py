@@ -24,12 +24,14 @@ def restore_store_setting(monkeypatch):
 
 
 def run_cli(*argv):
-    "(exit code, stdout, stderr) of `fraud-mlops ARGV`, run in this process (so moto's in-process mock applies)."
+    "(exit code, stdout, stderr after its first line, `store: <the store used>`, which test_cli checks) of `fraud-mlops ARGV`, run in this process (so moto's in-process mock applies)."
     out, err, code = io.StringIO(), io.StringIO(), 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try: main([str(a) for a in argv])
         except SystemExit as e: code = e.code
-    return code, out.getvalue(), err.getvalue()
+    first, _, rest = err.getvalue().partition('\n')
+    assert first.startswith('store: '), err.getvalue()
+    return code, out.getvalue(), rest
 
 
 def log_rows(store, df, ids, t=DAY2, version='v1'):
