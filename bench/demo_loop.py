@@ -128,9 +128,9 @@ def live_promotion(demo, store, champion, shadow, frauds_labelled):
                    and read_champion(store)[0]['version'] == champion,
                    f'promote --evidence live with {frauds_labelled} labelled frauds: refused (exit 3), nothing changed')
         return None
-    d = list_decisions(store)[-1] if r.returncode == 0 else {}
+    d = list_decisions(store)[-1] if len(list_decisions(store)) > before else {}
     e = d.get('evidence', {})
-    demo.check(r.returncode == 0 and e.get('kind') == 'live' and (e.get('champion'), e.get('shadow')) == (champion, shadow)
+    demo.check(r.returncode == {'promoted': 0, 'rejected': 3}.get(d.get('decision')) and e.get('kind') == 'live' and (e.get('champion'), e.get('shadow')) == (champion, shadow)
                and e.get('frauds') == frauds_labelled,
                f"promote --evidence live decides: {d.get('decision')} on {e.get('rows')} labelled rows, {e.get('frauds')} frauds, "
                f"F1 shadow {d.get('candidate_metrics', {}).get('f1', float('nan')):.3f} vs champion {d.get('champion_metrics', {}).get('f1', float('nan')):.3f}, "
