@@ -35,7 +35,7 @@ def test_output_equal_to_the_input_is_refused_under_any_name(cli, champion, stor
     for out in (ci_csv, tmp_path/'in'/'..'/'in'/'ci.csv', tmp_path/'link.csv', tmp_path/'hard.csv'):
         r = cli('score', ci_csv, out, '--store', store.root)
         assert r.returncode == 2 and 'is the input' in r.stderr and 'Traceback' not in r.stderr, (out, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1
+        assert r.stderr.splitlines()[0] == f'store: {store.root}' and len(r.stderr.strip().splitlines()) == 2   # the store used, then one line
     assert ci_csv.read_bytes() == before and (tmp_path/'hard.csv').read_bytes() == before
     assert leftovers(tmp_path/'in') == [] and leftovers(tmp_path) == []
 
@@ -44,7 +44,7 @@ def test_an_existing_folder_as_output_is_one_line_and_exit_2(cli, champion, stor
     "Before: the whole file was scored, then os.replace failed: IsADirectoryError traceback, exit 1. Now: refused before reading."
     (tmp_path/'out.csv').mkdir()
     r = cli('score', ci_csv, tmp_path/'out.csv', '--store', store.root)
-    assert r.returncode == 2 and r.stderr.strip() == f'error: {tmp_path}/out.csv: is a folder; name a file to write'
+    assert r.returncode == 2 and r.stderr.strip() == f'store: {store.root}\nerror: {tmp_path}/out.csv: is a folder; name a file to write'
     assert list((tmp_path/'out.csv').iterdir()) == [] and leftovers(tmp_path) == []
 
 
@@ -68,7 +68,7 @@ def test_a_full_disk_is_one_line_exit_2_and_leaves_the_old_output(champion, stor
     with pytest.raises(SystemExit) as e:
         main(['score', str(ci_csv), str(tmp_path/'out.csv'), '--store', str(store.root), '--chunk-rows', '3000'])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err == f'error: {tmp_path}/out.csv: cannot write it (No space left on device); nothing was written'
+    assert e.value.code == 2 and err == f'store: {store.root}\nerror: {tmp_path}/out.csv: cannot write it (No space left on device); nothing was written'
     assert (tmp_path/'out.csv').read_text() == 'scores of yesterday\n' and leftovers(tmp_path) == []
 
 
@@ -87,7 +87,7 @@ def test_a_file_too_large_is_one_line_exit_2_and_leaves_nothing(champion, store,
     r = subprocess.run([BIN/'fraud-mlops', 'score', ci_csv, tmp_path/'out.csv', '--store', store.root, '--chunk-rows', '2000'],
                        capture_output=True, text=True, env=env, preexec_fn=_file_size_limit(200_000))
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip() == f'error: {tmp_path}/out.csv: cannot write it (File too large); nothing was written'
+    assert r.stderr.strip() == f'store: {store.root}\nerror: {tmp_path}/out.csv: cannot write it (File too large); nothing was written'
     assert not (tmp_path/'out.csv').exists() and leftovers(tmp_path) == []
 
 

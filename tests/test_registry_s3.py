@@ -273,7 +273,7 @@ def test_two_concurrent_promoters_exactly_one_wins_and_the_other_changes_nothing
     winner = next(v for v, (_, code) in out.items() if code == 0)
     loser = b if winner == a else a
     (stdout, stderr), _ = out[loser]
-    assert stderr.strip() == (f'error: champion.json in store {s3_uri} changed since it was read '
+    assert stderr.strip() == (f'store: {s3_uri}\nerror: champion.json in store {s3_uri} changed since it was read '
                               '(another promotion won); nothing was changed'), stderr
     assert out[winner][0][0].startswith(f'promoted: {winner}')
     pointer, _ = read_champion(store)

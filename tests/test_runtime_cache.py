@@ -72,9 +72,9 @@ def test_a_damaged_entry_is_rebuilt_and_an_unwritable_folder_is_a_warning(cli, s
     good = entry.read_bytes()
     entry.write_bytes(good[:len(good) // 3])                     # truncated, as by a full disk
     r = cli('score', ci_csv, tmp_path/'second.csv', '--store', store.root, env=env)
-    assert r.returncode == 0 and 'unreadable' in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.returncode == 0 and 'unreadable' in r.stderr and r.stderr.startswith('store: ') and len(r.stderr.strip().splitlines()) == 2, r.stderr
     assert entry.read_bytes() == good                            # rebuilt, the same bytes
     (tmp_path/'file').write_text('not a folder')
     r = cli('score', ci_csv, tmp_path/'third.csv', '--store', store.root, env={'FRAUD_MLOPS_CACHE_DIR': str(tmp_path/'file'/'cache')})
-    assert r.returncode == 0 and 'not written' in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.returncode == 0 and 'not written' in r.stderr and r.stderr.startswith('store: ') and len(r.stderr.strip().splitlines()) == 2, r.stderr
     assert (tmp_path/'first.csv').read_bytes() == (tmp_path/'second.csv').read_bytes() == (tmp_path/'third.csv').read_bytes()
