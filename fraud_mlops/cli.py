@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['PYTHON_WORDS', 'PROMOTE_EXITS', 'EXIT_CODES', 'train_notebook', 'parse_value', 'JobFailed', 'job_error',
-           'run_training', 'key_report', 'format_keys', 'version_arg', 'time_arg', 'ConditionHeld', 'format_shadow',
-           'run', 'main']
+           'kernel_transport', 'run_training', 'key_report', 'format_keys', 'version_arg', 'time_arg', 'ConditionHeld',
+           'format_shadow', 'run', 'main']
 
 # %% ../nbs/09_cli.ipynb #c0aea5d8
-import argparse, json, os, sys, time
+import argparse, json, os, sys, tempfile, time
 from pathlib import Path
 
 from .cli_text import Help, command, format_history, format_models, history_rows
@@ -50,6 +50,17 @@ def job_error(ename, evalue, notebook):
         if ename in _kinds(kind): return kind(f"training failed: {ename}: {evalue} (see {notebook})")
     return JobFailed(f"training job failed: {ename}: {evalue}; the executed notebook is {notebook}")
 
+# %% ../nbs/09_cli.ipynb #397e1c9f
+def kernel_transport(folder):
+    "papermill arguments for a kernel on Unix sockets in `folder` (no loopback TCP); {} where there are none."
+    if os.name != 'posix': return {}
+    from jupyter_client.manager import AsyncKernelManager
+    class SocketKernelManager(AsyncKernelManager):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.transport, self.ip = 'ipc', str(Path(folder)/'kernel')
+    return {'kernel_manager_class': SocketKernelManager}
+
 # %% ../nbs/09_cli.ipynb #e693b327
 def _absolute(uri):
     return uri if '://' in uri else str(Path(uri).expanduser().resolve())
@@ -66,8 +77,9 @@ def run_training(data_path, store=None, output=None, params=(), progress=True):
     parameters = {**{k: parse_value(v) for k, v in params}, 'data_path': str(data.resolve()),
                   'store': _absolute(store_uri(store)), 'result_path': str(result.resolve())}
     try:
-        pm.execute_notebook(str(train_notebook()), str(output), parameters=parameters, progress_bar=progress,
-                            stdout_file=sys.stdout if progress else None, kernel_name='python3')
+        with tempfile.TemporaryDirectory(prefix='fraud-mlops-kernel-') as sockets:
+            pm.execute_notebook(str(train_notebook()), str(output), parameters=parameters, progress_bar=progress,
+                                stdout_file=sys.stdout if progress else None, kernel_name='python3', **kernel_transport(sockets))
     except pm.PapermillExecutionError as e: raise job_error(e.ename, e.evalue, output) from None
     if not result.exists(): raise JobFailed(f"training finished but wrote no result file {result}; the executed notebook is {output}")
     version = json.loads(result.read_text())['version']

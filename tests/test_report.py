@@ -8,7 +8,7 @@ from fraud_mlops.data import CI_SUBSET, resolve_path
 from fraud_mlops.registry import list_versions
 from fraud_mlops.store import open_store
 
-NOISE = ('Connecting to rank', 'UserWarning', 'Finding random open ports', '[LightGBM]', 'Warning:')
+NOISE = ('Connecting to rank', 'UserWarning', 'Finding random open ports', '[LightGBM]', 'Warning:', 'IPKernelApp')
 # LightGBM's native 'Listening...' comes from a listener thread of its own, whose log level nothing outside LightGBM can set:
 # it reaches a process's own stdout, never the job's notebook or terminal (the first test runs the job and checks both)
 DASK_NOISE = ('Connecting to rank', 'Connected to rank', 'Binding port', 'Finding random open ports', 'will be ignored', 'UserWarning')
