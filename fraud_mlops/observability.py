@@ -152,9 +152,9 @@ class AccessLog:
 
     def stamp(self, t):
         "ISO 8601 UTC text of epoch seconds `t`, to the microsecond ('2026-12-02T10:15:00.123456Z'); its text to the second made once a second."
-        s = int(t)
+        s, us = divmod(round(t * 1_000_000), 1_000_000)   # the nearest microsecond, in integers: no float rounding in the text
         if s != self.second: self.second, self.prefix = s, time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(s))
-        return f'{self.prefix}.{int((t - s) * 1e6):06d}Z'
+        return f'{self.prefix}.{us:06d}Z'
 
     def add(self, record):
         "Queue one record (a dict) as a JSON line."
